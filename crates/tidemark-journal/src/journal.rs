@@ -1,0 +1,631 @@
+//! A group's journal: a series of segment files appended in seq order, recovered at open.
+//!
+//! Crash safety rests on three rules (argued in docs/internals/journal.md):
+//! 1. A record is appended whole after the previous one; nothing is ever overwritten.
+//! 2. A segment is synced before the next one is created, and a new segment's header and
+//!    directory entry are durable before any record goes into it. So only the newest segment
+//!    can have an unsynced tail.
+//! 3. Recovery accepts a record only when its checksum, its seq (previous + 1) and its chain hash
+//!    (from the previous record) all hold. The first failure in the newest segment is a torn
+//!    tail only if no valid record follows it; anything else is corruption, reported with the
+//!    segment and offset, and the journal refuses to open.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::record::{self, DecodeError, RecordBody, RecordHeader, RecordMeta, HEADER_BYTES, TRAILER_BYTES};
+use crate::storage::{Storage, StorageFile};
+use crate::{ChainHash, Generation, JournalError, Location, Record, Seq, UnixNanos};
+
+/// Magic at the start of every segment file.
+pub const SEGMENT_MAGIC: [u8; 8] = *b"TDMKJSEG";
+/// Segment format version.
+pub const SEGMENT_VERSION: u32 = 1;
+/// Bytes of a segment header; records start here.
+pub const SEGMENT_HEADER_BYTES: u64 = 128;
+
+/// Limits of one journal.
+#[derive(Clone, Copy, Debug)]
+pub struct JournalConfig {
+    /// A new segment is started when a record would take a segment past this size.
+    pub segment_bytes_max: u64,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        JournalConfig { segment_bytes_max: 64 << 20 }
+    }
+}
+
+/// Where to resume scanning at open: the state just after a record the caller already knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ResumePoint {
+    /// Where the next record starts.
+    pub location: Location,
+    /// The seq the next record must have.
+    pub next_seq: Seq,
+    /// The chain hash after the last known record.
+    pub chain: ChainHash,
+}
+
+/// What recovery found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Records scanned (after the resume point).
+    pub records_scanned: u64,
+    /// A torn tail that was cut off: (segment, offset, bytes discarded).
+    pub torn_tail: Option<(u64, u64, u64)>,
+}
+
+/// A record just appended.
+#[derive(Clone, Copy, Debug)]
+pub struct Appended {
+    /// Its seq.
+    pub seq: Seq,
+    /// Where it starts.
+    pub location: Location,
+    /// The chain hash after it.
+    pub chain: ChainHash,
+}
+
+/// What a flush must sync to make every record up to `upto` durable. Taken under the group's
+/// lock, synced outside it, so one fdatasync covers every writer that came before (group commit).
+pub struct SyncTicket {
+    /// The file to sync (earlier segments were synced when they were closed).
+    pub file: Arc<dyn StorageFile>,
+    /// The newest seq the sync covers.
+    pub upto: Seq,
+}
+
+/// Summary of one segment, oldest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentSummary {
+    /// Segment index.
+    pub index: u64,
+    /// Seq of its first record.
+    pub first_seq: Seq,
+    /// Bytes it occupies.
+    pub bytes: u64,
+}
+
+struct Segment {
+    file: Arc<dyn StorageFile>,
+    first_seq: Seq,
+    len: u64,
+}
+
+/// An open journal. Not synchronised: the engine holds it under its group lock.
+pub struct Journal {
+    storage: Arc<dyn Storage>,
+    group_id: u64,
+    config: JournalConfig,
+    segments: BTreeMap<u64, Segment>,
+    next_seq: Seq,
+    chain: ChainHash,
+    last_time: UnixNanos,
+    encode_buf: Vec<u8>,
+}
+
+/// The chain hash a new journal starts from.
+pub fn genesis_chain(group_id: u64) -> ChainHash {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"tidemark-journal-genesis");
+    hasher.update(&group_id.to_le_bytes());
+    ChainHash(*hasher.finalize().as_bytes())
+}
+
+/// File name of segment `index`.
+pub fn segment_name(index: u64) -> String {
+    format!("journal-{index:016x}.seg")
+}
+
+fn parse_segment_name(name: &str) -> Option<u64> {
+    let hex = name.strip_prefix("journal-")?.strip_suffix(".seg")?;
+    u64::from_str_radix(hex, 16).ok()
+}
+
+impl Journal {
+    /// Create an empty journal whose first record will have seq `first_seq`, after `chain`.
+    pub fn create(
+        storage: Arc<dyn Storage>,
+        group_id: u64,
+        config: JournalConfig,
+        first_seq: Seq,
+        chain: ChainHash,
+    ) -> Result<Journal, JournalError> {
+        let mut journal = Journal {
+            storage,
+            group_id,
+            config,
+            segments: BTreeMap::new(),
+            next_seq: first_seq,
+            chain,
+            last_time: UnixNanos(0),
+            encode_buf: Vec::new(),
+        };
+        journal.start_segment(0)?;
+        Ok(journal)
+    }
+
+    /// Open an existing journal, calling `visit` for every record after `resume` (or from the
+    /// oldest record when `resume` is `None`), in seq order. Truncates a torn tail.
+    pub fn open(
+        storage: Arc<dyn Storage>,
+        group_id: u64,
+        config: JournalConfig,
+        resume: Option<ResumePoint>,
+        mut visit: impl FnMut(&Record, Location) -> Result<(), JournalError>,
+    ) -> Result<(Journal, RecoveryReport), JournalError> {
+        let mut indices: Vec<u64> = storage
+            .list()
+            .map_err(|e| JournalError::io("list journal segments", storage.describe(""), e))?
+            .iter()
+            .filter_map(|n| parse_segment_name(n))
+            .collect();
+        indices.sort_unstable();
+        let mut segments = BTreeMap::new();
+        let last_index = indices.last().copied();
+        for &index in &indices {
+            let name = segment_name(index);
+            let file = storage
+                .open(&name)
+                .map_err(|e| JournalError::io("open journal segment", storage.describe(&name), e))?;
+            let len = file
+                .len()
+                .map_err(|e| JournalError::io("stat journal segment", storage.describe(&name), e))?;
+            match read_segment_header(&*file, group_id) {
+                Ok((first_seq, _prev_chain)) => {
+                    segments.insert(index, Segment { file, first_seq, len });
+                }
+                // A newest segment with no valid header was being created when the site stopped:
+                // it holds no records, so dropping it loses nothing.
+                Err(_) if Some(index) == last_index && segments.contains_key(&index.wrapping_sub(1)) => {
+                    storage
+                        .remove(&name)
+                        .map_err(|e| JournalError::io("remove torn segment", storage.describe(&name), e))?;
+                    storage
+                        .sync_dir()
+                        .map_err(|e| JournalError::io("sync journal directory", storage.describe(""), e))?;
+                }
+                Err(reason) => {
+                    return Err(JournalError::Corrupt { file: storage.describe(&name), offset: 0, reason });
+                }
+            }
+        }
+        let Some((&first_index, first)) = segments.iter().next() else {
+            return Err(JournalError::Missing(storage.describe("")));
+        };
+        let mut expected = first_index;
+        for &index in segments.keys() {
+            if index != expected {
+                return Err(JournalError::Corrupt {
+                    file: storage.describe(&segment_name(expected)),
+                    offset: 0,
+                    reason: "segment missing from the middle of the journal".into(),
+                });
+            }
+            expected += 1;
+        }
+        let (mut location, mut next_seq, mut chain) = match resume {
+            Some(r) => (r.location, r.next_seq, r.chain),
+            None => {
+                let (_, prev_chain) =
+                    read_segment_header(&*first.file, group_id).map_err(|reason| JournalError::Corrupt {
+                        file: storage.describe(&segment_name(first_index)),
+                        offset: 0,
+                        reason,
+                    })?;
+                (Location { segment: first_index, offset: SEGMENT_HEADER_BYTES }, first.first_seq, prev_chain)
+            }
+        };
+        if !segments.contains_key(&location.segment) {
+            return Err(JournalError::Corrupt {
+                file: storage.describe(&segment_name(location.segment)),
+                offset: location.offset,
+                reason: "the checkpoint points into a segment that does not exist".into(),
+            });
+        }
+        let mut report = RecoveryReport::default();
+        let mut last_time = UnixNanos(0);
+        let newest = *segments.keys().next_back().unwrap_or(&first_index);
+        loop {
+            let Some(segment) = segments.get(&location.segment) else { break };
+            let name = segment_name(location.segment);
+            // Entering a segment: its header must continue the history exactly.
+            if location.offset == SEGMENT_HEADER_BYTES && segment.first_seq != next_seq {
+                return Err(JournalError::Corrupt {
+                    file: storage.describe(&name),
+                    offset: 0,
+                    reason: format!(
+                        "segment starts at seq {} but seq {} was expected",
+                        segment.first_seq.0, next_seq.0
+                    ),
+                });
+            }
+            match read_record_at(&*segment.file, location.offset, segment.len) {
+                Ok(Some(rec)) => {
+                    let rec = match record::decode(&rec, Some(&chain)) {
+                        Ok(r) if r.seq == next_seq => r,
+                        Ok(r) => {
+                            return Err(JournalError::Corrupt {
+                                file: storage.describe(&name),
+                                offset: location.offset,
+                                reason: format!(
+                                    "record has seq {} where seq {} was expected",
+                                    r.seq.0, next_seq.0
+                                ),
+                            })
+                        }
+                        Err(e) => {
+                            Self::handle_bad_record(
+                                &storage,
+                                segment,
+                                &name,
+                                location,
+                                newest,
+                                next_seq,
+                                e,
+                                &mut report,
+                            )?;
+                            break;
+                        }
+                    };
+                    visit(&rec, location)?;
+                    report.records_scanned += 1;
+                    location.offset += (HEADER_BYTES + payload_len(&rec.body) + TRAILER_BYTES) as u64;
+                    next_seq = Seq(next_seq.0 + 1);
+                    chain = rec.chain;
+                    last_time = rec.time;
+                }
+                Ok(None) => {
+                    // Clean end of this segment.
+                    if location.segment == newest {
+                        break;
+                    }
+                    location = Location { segment: location.segment + 1, offset: SEGMENT_HEADER_BYTES };
+                }
+                Err(e) => {
+                    Self::handle_bad_record(
+                        &storage,
+                        segment,
+                        &name,
+                        location,
+                        newest,
+                        next_seq,
+                        e,
+                        &mut report,
+                    )?;
+                    break;
+                }
+            }
+        }
+        if let Some(seg) = segments.get_mut(&newest) {
+            seg.len = seg
+                .file
+                .len()
+                .map_err(|e| JournalError::io("stat journal segment", storage.describe(""), e))?;
+        }
+        let journal = Journal {
+            storage,
+            group_id,
+            config,
+            segments,
+            next_seq,
+            chain,
+            last_time,
+            encode_buf: Vec::new(),
+        };
+        Ok((journal, report))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn handle_bad_record(
+        storage: &Arc<dyn Storage>,
+        segment: &Segment,
+        name: &str,
+        location: Location,
+        newest: u64,
+        next_seq: Seq,
+        error: DecodeError,
+        report: &mut RecoveryReport,
+    ) -> Result<(), JournalError> {
+        let corrupt = |reason: String| JournalError::Corrupt {
+            file: storage.describe(name),
+            offset: location.offset,
+            reason,
+        };
+        if location.segment != newest {
+            return Err(corrupt(format!("{error} in a sealed segment")));
+        }
+        if let Some(offset) = find_valid_record_after(&*segment.file, location.offset, segment.len, next_seq)
+        {
+            return Err(corrupt(format!("{error}, but a valid later record follows at offset {offset}")));
+        }
+        let discarded = segment.len - location.offset;
+        segment
+            .file
+            .set_len(location.offset)
+            .map_err(|e| JournalError::io("truncate torn tail", storage.describe(name), e))?;
+        segment
+            .file
+            .sync_data()
+            .map_err(|e| JournalError::io("sync truncated segment", storage.describe(name), e))?;
+        report.torn_tail = Some((location.segment, location.offset, discarded));
+        Ok(())
+    }
+
+    /// Append a record; returns its seq and location. Not durable until a sync covers it.
+    pub fn append(
+        &mut self,
+        generation: Generation,
+        time: UnixNanos,
+        body: &RecordBody,
+    ) -> Result<Appended, JournalError> {
+        let seq = self.next_seq;
+        let time = UnixNanos(time.0.max(self.last_time.0));
+        let meta = RecordMeta { seq, generation, time };
+        let mut buf = std::mem::take(&mut self.encode_buf);
+        let chain = record::encode(meta, body, &self.chain, &mut buf);
+        // Assertion for our own bugs: what we are about to write must read back as itself.
+        debug_assert!(record::decode(&buf, Some(&self.chain)).is_ok());
+        let (index, mut segment_len) = self.tail_segment();
+        if segment_len + buf.len() as u64 > self.config.segment_bytes_max
+            && segment_len > SEGMENT_HEADER_BYTES
+        {
+            self.start_segment(index + 1)?;
+            segment_len = SEGMENT_HEADER_BYTES;
+        }
+        let (index, _) = self.tail_segment();
+        let segment = self.segments.get_mut(&index).ok_or(JournalError::Invalid("no tail segment".into()))?;
+        let location = Location { segment: index, offset: segment_len };
+        if let Err(e) = segment.file.write_all_at(&buf, segment_len) {
+            self.encode_buf = buf;
+            return Err(JournalError::io(
+                "append to journal",
+                self.storage.describe(&segment_name(index)),
+                e,
+            ));
+        }
+        segment.len += buf.len() as u64;
+        self.encode_buf = buf;
+        self.next_seq = Seq(seq.0 + 1);
+        self.chain = chain;
+        self.last_time = time;
+        Ok(Appended { seq, location, chain })
+    }
+
+    /// What to sync so that every record appended so far is durable.
+    pub fn sync_ticket(&self) -> Option<SyncTicket> {
+        let (index, _) = self.tail_segment();
+        let segment = self.segments.get(&index)?;
+        Some(SyncTicket { file: segment.file.clone(), upto: self.last_seq() })
+    }
+
+    /// The file of segment `index`, for reading record data outside the group lock.
+    pub fn segment_file(&self, index: u64) -> Option<Arc<dyn StorageFile>> {
+        self.segments.get(&index).map(|s| s.file.clone())
+    }
+
+    /// Read and verify the whole record at `location`.
+    pub fn read_record(&self, location: Location) -> Result<Record, JournalError> {
+        let name = segment_name(location.segment);
+        let segment = self.segments.get(&location.segment).ok_or_else(|| JournalError::Corrupt {
+            file: self.storage.describe(&name),
+            offset: location.offset,
+            reason: "segment no longer exists".into(),
+        })?;
+        let corrupt = |reason: String| JournalError::Corrupt {
+            file: self.storage.describe(&name),
+            offset: location.offset,
+            reason,
+        };
+        let bytes = read_record_at(&*segment.file, location.offset, segment.len)
+            .map_err(|e| corrupt(e.to_string()))?
+            .ok_or_else(|| corrupt("no record at this location".into()))?;
+        record::decode(&bytes, None).map_err(|e| corrupt(e.to_string()))
+    }
+
+    /// Call `visit` for every record of segment `index`, in order, verifying each.
+    pub fn scan_segment(
+        &self,
+        index: u64,
+        mut visit: impl FnMut(&Record, Location) -> Result<(), JournalError>,
+    ) -> Result<(), JournalError> {
+        let Some(segment) = self.segments.get(&index) else { return Ok(()) };
+        let mut offset = SEGMENT_HEADER_BYTES;
+        while offset < segment.len {
+            let location = Location { segment: index, offset };
+            let record = self.read_record(location)?;
+            offset += (HEADER_BYTES + payload_len(&record.body) + TRAILER_BYTES) as u64;
+            visit(&record, location)?;
+        }
+        Ok(())
+    }
+
+    /// Delete every segment older than `index` (their records are no longer needed).
+    pub fn remove_segments_before(&mut self, index: u64) -> Result<(), JournalError> {
+        let old: Vec<u64> = self.segments.range(..index).map(|(&i, _)| i).collect();
+        if old.is_empty() {
+            return Ok(());
+        }
+        for i in old {
+            let name = segment_name(i);
+            self.storage
+                .remove(&name)
+                .map_err(|e| JournalError::io("remove journal segment", self.storage.describe(&name), e))?;
+            self.segments.remove(&i);
+        }
+        self.storage
+            .sync_dir()
+            .map_err(|e| JournalError::io("sync journal directory", self.storage.describe(""), e))
+    }
+
+    /// Segments, oldest first.
+    pub fn segments(&self) -> Vec<SegmentSummary> {
+        self.segments
+            .iter()
+            .map(|(&index, s)| SegmentSummary { index, first_seq: s.first_seq, bytes: s.len })
+            .collect()
+    }
+
+    /// Bytes all segments occupy.
+    pub fn bytes(&self) -> u64 {
+        self.segments.values().map(|s| s.len).sum()
+    }
+
+    /// Seq of the newest record (the one before the first record when empty).
+    pub fn last_seq(&self) -> Seq {
+        Seq(self.next_seq.0.saturating_sub(1))
+    }
+
+    /// Seq the next record will get.
+    pub fn next_seq(&self) -> Seq {
+        self.next_seq
+    }
+
+    /// Seq of the oldest record still in the journal.
+    pub fn first_seq(&self) -> Seq {
+        self.segments.values().next().map_or(self.next_seq, |s| s.first_seq)
+    }
+
+    /// The chain hash after the newest record.
+    pub fn chain(&self) -> ChainHash {
+        self.chain
+    }
+
+    /// Source time of the newest record.
+    pub fn last_time(&self) -> UnixNanos {
+        self.last_time
+    }
+
+    /// Where a scan would resume after the newest record.
+    pub fn resume_point(&self) -> ResumePoint {
+        let (index, len) = self.tail_segment();
+        ResumePoint {
+            location: Location { segment: index, offset: len },
+            next_seq: self.next_seq,
+            chain: self.chain,
+        }
+    }
+
+    fn tail_segment(&self) -> (u64, u64) {
+        self.segments.iter().next_back().map_or((0, SEGMENT_HEADER_BYTES), |(&i, s)| (i, s.len))
+    }
+
+    /// Seal the current segment (sync it) and start segment `index`, durably, before any record
+    /// goes into it.
+    fn start_segment(&mut self, index: u64) -> Result<(), JournalError> {
+        if let Some(current) = self.segments.values().next_back() {
+            current.file.sync_data().map_err(|e| JournalError::SyncFailed(e.to_string()))?;
+        }
+        let name = segment_name(index);
+        let file = self
+            .storage
+            .open(&name)
+            .map_err(|e| JournalError::io("create journal segment", self.storage.describe(&name), e))?;
+        let header = encode_segment_header(self.group_id, index, self.next_seq, &self.chain);
+        let io = |e| JournalError::io("write segment header", self.storage.describe(&name), e);
+        file.set_len(0).map_err(io)?;
+        file.write_all_at(&header, 0).map_err(io)?;
+        file.sync_data().map_err(|e| JournalError::SyncFailed(e.to_string()))?;
+        self.storage.sync_dir().map_err(|e| JournalError::SyncFailed(e.to_string()))?;
+        self.segments.insert(index, Segment { file, first_seq: self.next_seq, len: SEGMENT_HEADER_BYTES });
+        Ok(())
+    }
+}
+
+fn payload_len(body: &RecordBody) -> usize {
+    match body {
+        RecordBody::Write { data, .. } => data.len(),
+        RecordBody::Zero { .. } => 0,
+        RecordBody::Control(c) => postcard::to_stdvec(c).map_or(0, |v| v.len()),
+    }
+}
+
+fn encode_segment_header(group_id: u64, index: u64, first_seq: Seq, prev_chain: &ChainHash) -> Vec<u8> {
+    let mut out = Vec::with_capacity(SEGMENT_HEADER_BYTES as usize);
+    out.extend_from_slice(&SEGMENT_MAGIC);
+    out.extend_from_slice(&SEGMENT_VERSION.to_le_bytes());
+    out.extend_from_slice(&(SEGMENT_HEADER_BYTES as u32).to_le_bytes());
+    out.extend_from_slice(&group_id.to_le_bytes());
+    out.extend_from_slice(&index.to_le_bytes());
+    out.extend_from_slice(&first_seq.0.to_le_bytes());
+    out.extend_from_slice(&prev_chain.0);
+    out.resize(SEGMENT_HEADER_BYTES as usize - 16, 0);
+    let checksum = record::checksum_of(&out);
+    out.extend_from_slice(&checksum);
+    out
+}
+
+/// Parse and verify a segment header: (first seq, chain before its first record).
+fn read_segment_header(file: &dyn StorageFile, group_id: u64) -> Result<(Seq, ChainHash), String> {
+    let mut buf = [0u8; SEGMENT_HEADER_BYTES as usize];
+    file.read_exact_at(&mut buf, 0).map_err(|e| format!("segment header unreadable: {e}"))?;
+    let (body, checksum) = buf.split_at(SEGMENT_HEADER_BYTES as usize - 16);
+    if record::checksum_of(body) != checksum {
+        return Err("segment header checksum mismatch".into());
+    }
+    let field = |range: std::ops::Range<usize>| body.get(range).unwrap_or_default();
+    if field(0..8) != SEGMENT_MAGIC {
+        return Err("not a journal segment (bad magic)".into());
+    }
+    let version = u32::from_le_bytes(field(8..12).try_into().unwrap_or_default());
+    if version != SEGMENT_VERSION {
+        return Err(format!(
+            "segment format version {version} is not supported (this build reads {SEGMENT_VERSION})"
+        ));
+    }
+    let gid = u64::from_le_bytes(field(16..24).try_into().unwrap_or_default());
+    if gid != group_id {
+        return Err(format!("segment belongs to group id {gid}, not {group_id}"));
+    }
+    let first_seq = Seq(u64::from_le_bytes(field(32..40).try_into().unwrap_or_default()));
+    let mut chain = ChainHash([0; 32]);
+    chain.0.copy_from_slice(field(40..72));
+    Ok((first_seq, chain))
+}
+
+/// Read the raw bytes of the record at `offset`: `Ok(None)` at a clean end of the segment.
+fn read_record_at(file: &dyn StorageFile, offset: u64, len: u64) -> Result<Option<Vec<u8>>, DecodeError> {
+    if offset >= len {
+        return Ok(None);
+    }
+    if len - offset < HEADER_BYTES as u64 {
+        return Err(DecodeError::Truncated);
+    }
+    let mut head = [0u8; HEADER_BYTES];
+    file.read_exact_at(&mut head, offset).map_err(|_| DecodeError::Truncated)?;
+    let header = RecordHeader::decode(&head).map_err(DecodeError::Malformed)?;
+    let total = header.total_len as u64;
+    if len - offset < total {
+        return Err(DecodeError::Truncated);
+    }
+    let mut bytes = vec![0u8; total as usize];
+    file.read_exact_at(&mut bytes, offset).map_err(|_| DecodeError::Truncated)?;
+    Ok(Some(bytes))
+}
+
+/// Search the rest of a segment for any record that verifies on its own and belongs after
+/// `next_seq`: its existence means the damage is not a torn tail.
+fn find_valid_record_after(file: &dyn StorageFile, from: u64, len: u64, next_seq: Seq) -> Option<u64> {
+    let start = from + 1;
+    if start >= len {
+        return None;
+    }
+    let mut rest = vec![0u8; (len - start) as usize];
+    file.read_exact_at(&mut rest, start).ok()?;
+    let mut i = 0;
+    while i + HEADER_BYTES <= rest.len() {
+        if rest.get(i..i + 4) == Some(&record::RECORD_MAGIC[..]) {
+            if let Some(tail) = rest.get(i..) {
+                if let Ok(rec) = record::decode(tail, None) {
+                    if rec.seq.0 >= next_seq.0 && (rec.seq.0 - next_seq.0) < u64::from(u32::MAX) {
+                        return Some(start + i as u64);
+                    }
+                }
+            }
+        }
+        i += 1;
+    }
+    None
+}

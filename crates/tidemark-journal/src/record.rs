@@ -1,0 +1,301 @@
+//! One journal record: its on-disk encoding, checksum and place in the hash chain.
+//!
+//! Layout (little-endian), see docs/internals/journal.md:
+//!
+//! ```text
+//! 0   4  magic "TMR1"                8  8  seq
+//! 4   4  total length in bytes       ...
+//! ```
+//!
+//! Header (64 bytes), payload (`payload_len` bytes), checksum (16 bytes: blake3 of header and
+//! payload, truncated), chain (32 bytes: blake3 of the previous chain and this checksum).
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ChainHash, Generation, JournalError, Seq, UnixNanos, VolumeId};
+
+/// Marks the first byte of every record.
+pub const RECORD_MAGIC: [u8; 4] = *b"TMR1";
+/// Bytes of the fixed header.
+pub const HEADER_BYTES: usize = 64;
+/// Bytes after the payload: checksum (16) and chain (32).
+pub const TRAILER_BYTES: usize = 48;
+/// Largest payload one record may carry (a 32 MiB NBD write fits in one record).
+pub const PAYLOAD_BYTES_MAX: usize = 32 << 20;
+
+/// What a record does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecordBody {
+    /// Write `data` at byte `offset` of `volume`.
+    Write {
+        /// Target volume.
+        volume: VolumeId,
+        /// Byte offset (block-aligned).
+        offset: u64,
+        /// Whole blocks of data.
+        data: Vec<u8>,
+    },
+    /// Make `[offset, offset+length)` of `volume` read as zeroes (write-zeroes or trim).
+    Zero {
+        /// Target volume.
+        volume: VolumeId,
+        /// Byte offset (block-aligned).
+        offset: u64,
+        /// Length in bytes (whole blocks).
+        length: u64,
+    },
+    /// A change to the group's catalog or history, replayed like data.
+    Control(Control),
+}
+
+/// Catalog and history events that live in the journal so they replay and replicate in order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Control {
+    /// A volume joined the group.
+    VolumeCreated {
+        /// Its id within the group.
+        volume: VolumeId,
+        /// Its name (site-unique).
+        name: String,
+        /// Logical size in bytes.
+        size_bytes: u64,
+        /// Block size in bytes.
+        block_size_bytes: u32,
+    },
+    /// A volume grew.
+    VolumeResized {
+        /// Which volume.
+        volume: VolumeId,
+        /// New logical size in bytes.
+        size_bytes: u64,
+    },
+    /// A volume was deleted; its blocks read as nothing from here on.
+    VolumeDeleted {
+        /// Which volume.
+        volume: VolumeId,
+    },
+    /// A named point: the state after the previous record.
+    Bookmark {
+        /// Bookmark name.
+        name: String,
+    },
+    /// A rollback to `target` starts; the records up to the matching end restore that state.
+    RollbackBegin {
+        /// The seq whose state is being restored.
+        target: Seq,
+    },
+    /// The rollback that began at `begin` is complete.
+    RollbackEnd {
+        /// The seq whose state was restored.
+        target: Seq,
+        /// Seq of the matching begin record.
+        begin: Seq,
+    },
+}
+
+const KIND_WRITE: u8 = 1;
+const KIND_ZERO: u8 = 2;
+const KIND_CONTROL: u8 = 3;
+
+/// A decoded record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// Position in the group's history.
+    pub seq: Seq,
+    /// Primary generation that wrote it.
+    pub generation: Generation,
+    /// Source time (when the primary applied it).
+    pub time: UnixNanos,
+    /// What it does.
+    pub body: RecordBody,
+    /// Checksum of header and payload.
+    pub checksum: [u8; 16],
+    /// Running hash chain after this record.
+    pub chain: ChainHash,
+}
+
+/// The fixed fields of a record, readable without its payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordHeader {
+    /// Total bytes: header, payload and trailer.
+    pub total_len: u32,
+    /// Kind byte.
+    pub kind: u8,
+    /// Volume for data records, 0 otherwise.
+    pub volume: VolumeId,
+    /// Position in the group's history.
+    pub seq: Seq,
+    /// Primary generation.
+    pub generation: Generation,
+    /// Source time.
+    pub time: UnixNanos,
+    /// Byte offset in the volume (data records).
+    pub offset: u64,
+    /// Length in bytes the record covers in the volume (data records).
+    pub length: u64,
+    /// Payload bytes that follow the header.
+    pub payload_len: u32,
+}
+
+impl RecordHeader {
+    /// Parse a header from its 64 bytes; checks the magic and that the lengths agree.
+    pub fn decode(bytes: &[u8; HEADER_BYTES]) -> Result<RecordHeader, &'static str> {
+        if bytes[0..4] != RECORD_MAGIC {
+            return Err("bad record magic");
+        }
+        let u32_at = |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+        let u64_at = |o: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&bytes[o..o + 8]);
+            u64::from_le_bytes(b)
+        };
+        let header = RecordHeader {
+            total_len: u32_at(4),
+            kind: bytes[8],
+            volume: VolumeId(u32_at(12)),
+            seq: Seq(u64_at(16)),
+            generation: Generation(u64_at(24)),
+            time: UnixNanos(u64_at(32)),
+            offset: u64_at(40),
+            length: u64_at(48),
+            payload_len: u32_at(56),
+        };
+        if header.payload_len as usize > PAYLOAD_BYTES_MAX {
+            return Err("payload length over the limit");
+        }
+        if header.total_len as usize != HEADER_BYTES + header.payload_len as usize + TRAILER_BYTES {
+            return Err("record length disagrees with payload length");
+        }
+        if !matches!(header.kind, KIND_WRITE | KIND_ZERO | KIND_CONTROL) {
+            return Err("unknown record kind");
+        }
+        Ok(header)
+    }
+
+    /// Byte offset of the payload from the start of the record.
+    pub const fn payload_offset() -> u64 {
+        HEADER_BYTES as u64
+    }
+}
+
+/// The record's fields as they go into [`encode`].
+#[derive(Clone, Copy, Debug)]
+pub struct RecordMeta {
+    /// Position in the group's history.
+    pub seq: Seq,
+    /// Primary generation.
+    pub generation: Generation,
+    /// Source time.
+    pub time: UnixNanos,
+}
+
+/// Encode a record after `prev_chain` into `out` (cleared first); returns its new chain hash.
+pub fn encode(meta: RecordMeta, body: &RecordBody, prev_chain: &ChainHash, out: &mut Vec<u8>) -> ChainHash {
+    out.clear();
+    let control_bytes;
+    let (kind, volume, offset, length, payload): (u8, VolumeId, u64, u64, &[u8]) = match body {
+        RecordBody::Write { volume, offset, data } => (KIND_WRITE, *volume, *offset, data.len() as u64, data),
+        RecordBody::Zero { volume, offset, length } => (KIND_ZERO, *volume, *offset, *length, &[]),
+        RecordBody::Control(control) => {
+            control_bytes = postcard::to_stdvec(control).expect("control records always serialize");
+            (KIND_CONTROL, VolumeId(0), 0, 0, &control_bytes)
+        }
+    };
+    assert!(payload.len() <= PAYLOAD_BYTES_MAX, "record payload over PAYLOAD_BYTES_MAX");
+    let total_len = (HEADER_BYTES + payload.len() + TRAILER_BYTES) as u32;
+    out.extend_from_slice(&RECORD_MAGIC);
+    out.extend_from_slice(&total_len.to_le_bytes());
+    out.extend_from_slice(&[kind, 0, 0, 0]);
+    out.extend_from_slice(&volume.0.to_le_bytes());
+    out.extend_from_slice(&meta.seq.0.to_le_bytes());
+    out.extend_from_slice(&meta.generation.0.to_le_bytes());
+    out.extend_from_slice(&meta.time.0.to_le_bytes());
+    out.extend_from_slice(&offset.to_le_bytes());
+    out.extend_from_slice(&length.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    debug_assert_eq!(out.len(), HEADER_BYTES);
+    out.extend_from_slice(payload);
+    let checksum = checksum_of(out);
+    let chain = chain_next(prev_chain, &checksum);
+    out.extend_from_slice(&checksum);
+    out.extend_from_slice(&chain.0);
+    chain
+}
+
+/// Decode and verify a whole record. `prev_chain`, when known, is checked against the stored chain.
+pub fn decode(bytes: &[u8], prev_chain: Option<&ChainHash>) -> Result<Record, DecodeError> {
+    let head: &[u8; HEADER_BYTES] =
+        bytes.get(..HEADER_BYTES).and_then(|h| h.try_into().ok()).ok_or(DecodeError::Truncated)?;
+    let header = RecordHeader::decode(head).map_err(DecodeError::Malformed)?;
+    let total = header.total_len as usize;
+    let body_end = HEADER_BYTES + header.payload_len as usize;
+    let record = bytes.get(..total).ok_or(DecodeError::Truncated)?;
+    let (covered, trailer) = record.split_at(body_end);
+    let (stored_checksum, stored_chain) = trailer.split_at(16);
+    let checksum = checksum_of(covered);
+    if checksum != stored_checksum {
+        return Err(DecodeError::ChecksumMismatch);
+    }
+    let mut chain = ChainHash([0; 32]);
+    chain.0.copy_from_slice(stored_chain);
+    if let Some(prev) = prev_chain {
+        if chain_next(prev, &checksum) != chain {
+            return Err(DecodeError::ChainMismatch);
+        }
+    }
+    let payload = covered.get(HEADER_BYTES..).unwrap_or_default();
+    let body = match header.kind {
+        KIND_WRITE => {
+            if header.length != payload.len() as u64 {
+                return Err(DecodeError::Malformed("write length disagrees with payload"));
+            }
+            RecordBody::Write { volume: header.volume, offset: header.offset, data: payload.to_vec() }
+        }
+        KIND_ZERO => RecordBody::Zero { volume: header.volume, offset: header.offset, length: header.length },
+        _ => RecordBody::Control(
+            postcard::from_bytes(payload)
+                .map_err(|_| DecodeError::Malformed("undecodable control payload"))?,
+        ),
+    };
+    Ok(Record { seq: header.seq, generation: header.generation, time: header.time, body, checksum, chain })
+}
+
+/// Why bytes are not a valid record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The bytes end before the record does.
+    #[error("record is truncated")]
+    Truncated,
+    /// The header is not a record header.
+    #[error("malformed record: {0}")]
+    Malformed(&'static str),
+    /// The checksum does not match the content.
+    #[error("record checksum mismatch")]
+    ChecksumMismatch,
+    /// The record does not follow the previous record's chain hash.
+    #[error("hash chain broken")]
+    ChainMismatch,
+}
+
+impl From<DecodeError> for JournalError {
+    fn from(e: DecodeError) -> Self {
+        JournalError::Invalid(e.to_string())
+    }
+}
+
+/// Checksum of a record's header and payload: blake3, truncated to 16 bytes.
+pub fn checksum_of(bytes: &[u8]) -> [u8; 16] {
+    let hash = blake3::hash(bytes);
+    let mut out = [0; 16];
+    out.copy_from_slice(&hash.as_bytes()[..16]);
+    out
+}
+
+/// The chain hash after a record with `checksum` that follows `prev`.
+pub fn chain_next(prev: &ChainHash, checksum: &[u8; 16]) -> ChainHash {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&prev.0);
+    hasher.update(checksum);
+    ChainHash(*hasher.finalize().as_bytes())
+}

@@ -1,0 +1,379 @@
+//! Files as the journal and engine see them, behind a trait so tests can lose power.
+//!
+//! [`OsStorage`] is a directory on a real file system. [`SimStorage`] keeps, for every file, a
+//! *live* image (what reads see) and a *durable* image (what survives a crash), and can crash at
+//! will: unsynced writes are dropped, or torn (a random prefix of the unsynced pages survives).
+//! Directory entries are durable only after [`Storage::sync_dir`].
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// One open file.
+pub trait StorageFile: Send + Sync {
+    /// Read exactly `buf.len()` bytes at `offset`; reading past the end is an `UnexpectedEof` error.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Write all of `buf` at `offset`, growing the file if needed.
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Make every write so far durable (fdatasync).
+    fn sync_data(&self) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Truncate or extend (with zeroes) to `len` bytes.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Deallocate `[offset, offset+len)`; it reads as zeroes afterwards.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
+}
+
+/// A flat directory of files.
+pub trait Storage: Send + Sync {
+    /// Open `name`, creating it empty if it does not exist.
+    fn open(&self, name: &str) -> io::Result<Arc<dyn StorageFile>>;
+    /// Open `name` only if it exists.
+    fn open_existing(&self, name: &str) -> io::Result<Option<Arc<dyn StorageFile>>>;
+    /// Names of all files, sorted.
+    fn list(&self) -> io::Result<Vec<String>>;
+    /// Remove `name` (not durable until [`Storage::sync_dir`]).
+    fn remove(&self, name: &str) -> io::Result<()>;
+    /// Atomically replace `to` with `from` (not durable until [`Storage::sync_dir`]).
+    fn rename(&self, from: &str, to: &str) -> io::Result<()>;
+    /// Make creations, removals and renames durable.
+    fn sync_dir(&self) -> io::Result<()>;
+    /// Where the files live, for messages.
+    fn describe(&self, name: &str) -> PathBuf;
+}
+
+/// Write `bytes` to `name` crash-safely: temp file, fdatasync, rename, directory sync.
+pub fn replace_file(storage: &dyn Storage, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let tmp = format!("{name}.tmp");
+    let file = storage.open(&tmp)?;
+    file.set_len(0)?;
+    file.write_all_at(bytes, 0)?;
+    file.sync_data()?;
+    storage.rename(&tmp, name)?;
+    storage.sync_dir()
+}
+
+/// Read a whole file, or `None` when it does not exist.
+pub fn read_file(storage: &dyn Storage, name: &str) -> io::Result<Option<Vec<u8>>> {
+    let Some(file) = storage.open_existing(name)? else {
+        return Ok(None);
+    };
+    let len = usize::try_from(file.len()?).map_err(|_| io::Error::other("file too large"))?;
+    let mut buf = vec![0; len];
+    file.read_exact_at(&mut buf, 0)?;
+    Ok(Some(buf))
+}
+
+/// A directory on the real file system.
+#[derive(Debug)]
+pub struct OsStorage {
+    dir: PathBuf,
+}
+
+impl OsStorage {
+    /// Use `dir`, creating it if needed.
+    pub fn new(dir: impl AsRef<Path>) -> io::Result<Self> {
+        std::fs::create_dir_all(dir.as_ref())?;
+        Ok(OsStorage { dir: dir.as_ref().to_path_buf() })
+    }
+}
+
+struct OsFile(File);
+
+impl StorageFile for OsFile {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_exact_at(buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.0.write_all_at(buf, offset)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        use rustix::fs::{fallocate, FallocateFlags};
+        fallocate(&self.0, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len)
+            .map_err(io::Error::from)
+    }
+}
+
+impl Storage for OsStorage {
+    fn open(&self, name: &str) -> io::Result<Arc<dyn StorageFile>> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(self.dir.join(name))?;
+        Ok(Arc::new(OsFile(file)))
+    }
+    fn open_existing(&self, name: &str) -> io::Result<Option<Arc<dyn StorageFile>>> {
+        match OpenOptions::new().read(true).write(true).open(self.dir.join(name)) {
+            Ok(file) => Ok(Some(Arc::new(OsFile(file)))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+    fn list(&self) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                if let Some(name) = entry.file_name().to_str() {
+                    names.push(name.to_string());
+                }
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+    fn remove(&self, name: &str) -> io::Result<()> {
+        match std::fs::remove_file(self.dir.join(name)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        std::fs::rename(self.dir.join(from), self.dir.join(to))
+    }
+    fn sync_dir(&self) -> io::Result<()> {
+        File::open(&self.dir)?.sync_all()
+    }
+    fn describe(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+/// How a simulated crash treats writes that were never synced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrashMode {
+    /// Every unsynced write is lost (a clean power cut after the last sync).
+    DropUnsynced,
+    /// Each unsynced 512-byte sector independently survives or not: torn writes.
+    TearUnsynced,
+}
+
+#[derive(Default)]
+struct SimFileState {
+    live: Vec<u8>,
+    durable: Vec<u8>,
+    /// Sectors written since the last sync (512-byte granularity).
+    dirty_sectors: std::collections::BTreeSet<u64>,
+}
+
+struct SimInner {
+    /// Live directory: name -> file.
+    live: BTreeMap<String, Arc<SimFile>>,
+    /// Durable directory: what a crash returns to.
+    durable: BTreeMap<String, Arc<SimFile>>,
+    /// Number of syncs left before every sync fails (fault injection), if set.
+    syncs_until_failure: Option<u64>,
+}
+
+/// A file of [`SimStorage`].
+pub struct SimFile {
+    state: Mutex<SimFileState>,
+    storage: std::sync::Weak<Mutex<SimInner>>,
+}
+
+const SECTOR_BYTES: u64 = 512;
+
+impl SimFile {
+    fn check_sync_budget(&self) -> io::Result<()> {
+        let Some(inner) = self.storage.upgrade() else { return Ok(()) };
+        let mut inner = inner.lock();
+        match inner.syncs_until_failure.as_mut() {
+            Some(0) => Err(io::Error::other("injected fsync failure")),
+            Some(n) => {
+                *n -= 1;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+impl StorageFile for SimFile {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let state = self.state.lock();
+        let start = usize::try_from(offset).map_err(|_| io::Error::other("offset"))?;
+        let src = start
+            .checked_add(buf.len())
+            .and_then(|end| state.live.get(start..end))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "read past end"))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut state = self.state.lock();
+        let start = usize::try_from(offset).map_err(|_| io::Error::other("offset"))?;
+        let end = start + buf.len();
+        if state.live.len() < end {
+            state.live.resize(end, 0);
+        }
+        if let Some(dst) = state.live.get_mut(start..end) {
+            dst.copy_from_slice(buf);
+        }
+        let first = offset / SECTOR_BYTES;
+        let last = (end as u64).div_ceil(SECTOR_BYTES);
+        state.dirty_sectors.extend(first..last);
+        Ok(())
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.check_sync_budget()?;
+        let mut state = self.state.lock();
+        state.durable = state.live.clone();
+        state.dirty_sectors.clear();
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.state.lock().live.len() as u64)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let mut state = self.state.lock();
+        let len = usize::try_from(len).map_err(|_| io::Error::other("len"))?;
+        let old = state.live.len();
+        state.live.resize(len, 0);
+        // A size change is metadata that a later sync_data makes durable; mark the changed
+        // range dirty so a crash before the sync can lose it.
+        let (lo, hi) = (old.min(len) as u64, old.max(len) as u64);
+        state.dirty_sectors.extend(lo / SECTOR_BYTES..hi.div_ceil(SECTOR_BYTES).max(lo / SECTOR_BYTES + 1));
+        Ok(())
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let size = self.len()?;
+        let end = offset.saturating_add(len).min(size);
+        if end > offset {
+            let zeroes = vec![0; usize::try_from(end - offset).map_err(|_| io::Error::other("len"))?];
+            self.write_all_at(&zeroes, offset)?;
+        }
+        Ok(())
+    }
+}
+
+/// An in-memory [`Storage`] that can crash, tear unsynced writes and fail syncs on demand.
+#[derive(Clone)]
+pub struct SimStorage {
+    inner: Arc<Mutex<SimInner>>,
+}
+
+impl Default for SimStorage {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SimStorage {
+    /// An empty storage.
+    pub fn new() -> Self {
+        SimStorage {
+            inner: Arc::new(Mutex::new(SimInner {
+                live: BTreeMap::new(),
+                durable: BTreeMap::new(),
+                syncs_until_failure: None,
+            })),
+        }
+    }
+
+    /// After `n` more successful syncs, every sync fails (like a disk that went bad).
+    pub fn fail_syncs_after(&self, n: Option<u64>) {
+        self.inner.lock().syncs_until_failure = n;
+    }
+
+    /// Lose power: return every file and the directory to their durable state (tearing unsynced
+    /// writes under [`CrashMode::TearUnsynced`], driven by `seed`). Handles opened before the
+    /// crash must not be used afterwards.
+    pub fn crash(&self, mode: CrashMode, seed: u64) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut inner = self.inner.lock();
+        let durable = inner.durable.clone();
+        let mut fresh = BTreeMap::new();
+        for (name, file) in durable {
+            let state = file.state.lock();
+            let mut image = state.durable.clone();
+            if mode == CrashMode::TearUnsynced {
+                for &sector in &state.dirty_sectors {
+                    if rng.random_bool(0.5) {
+                        let lo = (sector * SECTOR_BYTES) as usize;
+                        let hi = (lo + SECTOR_BYTES as usize).min(state.live.len());
+                        if hi > lo {
+                            if image.len() < hi {
+                                image.resize(hi, 0);
+                            }
+                            if let (Some(dst), Some(src)) = (image.get_mut(lo..hi), state.live.get(lo..hi)) {
+                                dst.copy_from_slice(src);
+                            }
+                        }
+                    }
+                }
+            }
+            let new_file = Arc::new(SimFile {
+                state: Mutex::new(SimFileState {
+                    live: image.clone(),
+                    durable: image,
+                    dirty_sectors: Default::default(),
+                }),
+                storage: Arc::downgrade(&self.inner),
+            });
+            fresh.insert(name, new_file);
+        }
+        inner.live = fresh.clone();
+        inner.durable = fresh;
+    }
+}
+
+impl Storage for SimStorage {
+    fn open(&self, name: &str) -> io::Result<Arc<dyn StorageFile>> {
+        let mut inner = self.inner.lock();
+        if let Some(file) = inner.live.get(name) {
+            return Ok(file.clone());
+        }
+        let file = Arc::new(SimFile {
+            state: Mutex::new(SimFileState::default()),
+            storage: Arc::downgrade(&self.inner),
+        });
+        inner.live.insert(name.to_string(), file.clone());
+        Ok(file)
+    }
+    fn open_existing(&self, name: &str) -> io::Result<Option<Arc<dyn StorageFile>>> {
+        Ok(self.inner.lock().live.get(name).map(|f| f.clone() as Arc<dyn StorageFile>))
+    }
+    fn list(&self) -> io::Result<Vec<String>> {
+        Ok(self.inner.lock().live.keys().cloned().collect())
+    }
+    fn remove(&self, name: &str) -> io::Result<()> {
+        self.inner.lock().live.remove(name);
+        Ok(())
+    }
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        let mut inner = self.inner.lock();
+        let file = inner
+            .live
+            .remove(from)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "rename source"))?;
+        inner.live.insert(to.to_string(), file);
+        Ok(())
+    }
+    fn sync_dir(&self) -> io::Result<()> {
+        let mut inner = self.inner.lock();
+        inner.durable = inner.live.clone();
+        Ok(())
+    }
+    fn describe(&self, name: &str) -> PathBuf {
+        PathBuf::from("sim").join(name)
+    }
+}
