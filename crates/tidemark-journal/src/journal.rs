@@ -11,11 +11,12 @@
 //!    segment and offset, and the journal refuses to open.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::record::{self, DecodeError, RecordBody, RecordHeader, RecordMeta, HEADER_BYTES, TRAILER_BYTES};
 use crate::storage::{Storage, StorageFile};
-use crate::{ChainHash, Generation, JournalError, Location, Record, Seq, UnixNanos};
+use crate::{ChainHash, Generation, JournalError, Location, Record, Seq, UnixNanos, VolumeId};
 
 /// Magic at the start of every segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"TDMKJSEG";
@@ -75,6 +76,17 @@ pub struct SyncTicket {
     pub file: Arc<dyn StorageFile>,
     /// The newest seq the sync covers.
     pub upto: Seq,
+    durable: Arc<AtomicU64>,
+}
+
+impl SyncTicket {
+    /// fdatasync the file; on success every record up to `upto` is durable, and records
+    /// appended from now on say so (see [`RecordHeader::durable_lag`]).
+    pub fn sync(&self) -> std::io::Result<()> {
+        self.file.sync_data()?;
+        self.durable.fetch_max(self.upto.0, Ordering::AcqRel);
+        Ok(())
+    }
 }
 
 /// Summary of one segment, oldest first.
@@ -104,6 +116,8 @@ pub struct Journal {
     chain: ChainHash,
     last_time: UnixNanos,
     encode_buf: Vec<u8>,
+    /// Newest seq known to be durable.
+    durable: Arc<AtomicU64>,
 }
 
 /// The chain hash a new journal starts from.
@@ -142,6 +156,7 @@ impl Journal {
             chain,
             last_time: UnixNanos(0),
             encode_buf: Vec::new(),
+            durable: Arc::new(AtomicU64::new(first_seq.0.saturating_sub(1))),
         };
         journal.start_segment(0)?;
         Ok(journal)
@@ -305,6 +320,12 @@ impl Journal {
                 .len()
                 .map_err(|e| JournalError::io("stat journal segment", storage.describe(""), e))?;
         }
+        // What recovery found may still sit only in the page cache (after a process kill): sync
+        // it once, so that what the next records vouch for as durable really is.
+        if let Some(seg) = segments.get(&newest) {
+            seg.file.sync_data().map_err(|e| JournalError::SyncFailed(e.to_string()))?;
+        }
+        let durable = Arc::new(AtomicU64::new(next_seq.0.saturating_sub(1)));
         let journal = Journal {
             storage,
             group_id,
@@ -314,6 +335,7 @@ impl Journal {
             chain,
             last_time,
             encode_buf: Vec::new(),
+            durable,
         };
         Ok((journal, report))
     }
@@ -339,7 +361,9 @@ impl Journal {
         }
         if let Some(offset) = find_valid_record_after(&*segment.file, location.offset, segment.len, next_seq)
         {
-            return Err(corrupt(format!("{error}, but a valid later record follows at offset {offset}")));
+            return Err(corrupt(format!(
+                "{error}, and the record at offset {offset} was written after this one was durable"
+            )));
         }
         let discarded = segment.len - location.offset;
         segment
@@ -361,11 +385,36 @@ impl Journal {
         time: UnixNanos,
         body: &RecordBody,
     ) -> Result<Appended, JournalError> {
+        self.append_with(generation, time, |meta, prev, out| record::encode(meta, body, prev, out))
+    }
+
+    /// Append a write record of borrowed data (the host write path).
+    pub fn append_write(
+        &mut self,
+        generation: Generation,
+        time: UnixNanos,
+        volume: VolumeId,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<Appended, JournalError> {
+        self.append_with(generation, time, |meta, prev, out| {
+            record::encode_write(meta, volume, offset, data, prev, out)
+        })
+    }
+
+    fn append_with(
+        &mut self,
+        generation: Generation,
+        time: UnixNanos,
+        encode: impl FnOnce(RecordMeta, &ChainHash, &mut Vec<u8>) -> ChainHash,
+    ) -> Result<Appended, JournalError> {
         let seq = self.next_seq;
+        // Source times never go backwards within a group, so "the last record with time <= T"
+        // is a binary search.
         let time = UnixNanos(time.0.max(self.last_time.0));
-        let meta = RecordMeta { seq, generation, time };
+        let meta = RecordMeta { seq, generation, time, durable: Seq(self.durable.load(Ordering::Acquire)) };
         let mut buf = std::mem::take(&mut self.encode_buf);
-        let chain = record::encode(meta, body, &self.chain, &mut buf);
+        let chain = encode(meta, &self.chain, &mut buf);
         // Assertion for our own bugs: what we are about to write must read back as itself.
         debug_assert!(record::decode(&buf, Some(&self.chain)).is_ok());
         let (index, mut segment_len) = self.tail_segment();
@@ -398,7 +447,7 @@ impl Journal {
     pub fn sync_ticket(&self) -> Option<SyncTicket> {
         let (index, _) = self.tail_segment();
         let segment = self.segments.get(&index)?;
-        Some(SyncTicket { file: segment.file.clone(), upto: self.last_seq() })
+        Some(SyncTicket { file: segment.file.clone(), upto: self.last_seq(), durable: self.durable.clone() })
     }
 
     /// The file of segment `index`, for reading record data outside the group lock.
@@ -478,6 +527,11 @@ impl Journal {
         Seq(self.next_seq.0.saturating_sub(1))
     }
 
+    /// Newest seq known to be durable.
+    pub fn durable_seq(&self) -> Seq {
+        Seq(self.durable.load(Ordering::Acquire))
+    }
+
     /// Seq the next record will get.
     pub fn next_seq(&self) -> Seq {
         self.next_seq
@@ -517,6 +571,7 @@ impl Journal {
     fn start_segment(&mut self, index: u64) -> Result<(), JournalError> {
         if let Some(current) = self.segments.values().next_back() {
             current.file.sync_data().map_err(|e| JournalError::SyncFailed(e.to_string()))?;
+            self.durable.fetch_max(self.next_seq.0.saturating_sub(1), Ordering::AcqRel);
         }
         let name = segment_name(index);
         let file = self
@@ -605,8 +660,10 @@ fn read_record_at(file: &dyn StorageFile, offset: u64, len: u64) -> Result<Optio
     Ok(Some(bytes))
 }
 
-/// Search the rest of a segment for any record that verifies on its own and belongs after
-/// `next_seq`: its existence means the damage is not a torn tail.
+/// Search the rest of a segment for a record that proves the damage at `from` is corruption and
+/// not a torn tail: one that verifies on its own and was written after the damaged record
+/// (seq `next_seq`) was known durable. Later records without that proof may have reached the
+/// disk out of order before a crash; they were never acknowledged as durable and are cut too.
 fn find_valid_record_after(file: &dyn StorageFile, from: u64, len: u64, next_seq: Seq) -> Option<u64> {
     let start = from + 1;
     if start >= len {
@@ -617,12 +674,12 @@ fn find_valid_record_after(file: &dyn StorageFile, from: u64, len: u64, next_seq
     let mut i = 0;
     while i + HEADER_BYTES <= rest.len() {
         if rest.get(i..i + 4) == Some(&record::RECORD_MAGIC[..]) {
-            if let Some(tail) = rest.get(i..) {
-                if let Ok(rec) = record::decode(tail, None) {
-                    if rec.seq.0 >= next_seq.0 && (rec.seq.0 - next_seq.0) < u64::from(u32::MAX) {
-                        return Some(start + i as u64);
-                    }
-                }
+            let header = rest.get(i..i + HEADER_BYTES).and_then(|h| <&[u8; HEADER_BYTES]>::try_from(h).ok());
+            let vouches = header.and_then(|h| RecordHeader::decode(h).ok()).is_some_and(|h| {
+                h.seq > next_seq && h.durable_lag != u32::MAX && h.seq.0 - u64::from(h.durable_lag) >= next_seq.0
+            });
+            if vouches && rest.get(i..).is_some_and(|tail| record::decode(tail, None).is_ok()) {
+                return Some(start + i as u64);
             }
         }
         i += 1;

@@ -16,7 +16,7 @@ pub mod storage;
 pub use journal::{
     genesis_chain, Appended, Journal, JournalConfig, RecoveryReport, ResumePoint, SegmentSummary, SyncTicket,
 };
-pub use record::{Control, Record, RecordBody};
+pub use record::{Control, Record, RecordBody, ZeroMode};
 
 /// A record's position in its group's history; grows by one per record.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -43,6 +43,8 @@ pub enum RecordBody {
         offset: u64,
         /// Length in bytes (whole blocks).
         length: u64,
+        /// Whether the range may be deallocated.
+        mode: ZeroMode,
     },
     /// A change to the group's catalog or history, replayed like data.
     Control(Control),
@@ -93,6 +95,18 @@ pub enum Control {
     },
 }
 
+/// Whether zeroed blocks may be deallocated (trim, or write-zeroes without NO_HOLE) or must
+/// stay allocated (write-zeroes with NBD_CMD_FLAG_NO_HOLE).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ZeroMode {
+    /// The blocks may become holes.
+    Punch,
+    /// The blocks stay allocated, holding zeroes.
+    Allocate,
+}
+
+const FLAG_ZERO_ALLOCATE: u8 = 1;
+
 const KIND_WRITE: u8 = 1;
 const KIND_ZERO: u8 = 2;
 const KIND_CONTROL: u8 = 3;
@@ -121,6 +135,8 @@ pub struct RecordHeader {
     pub total_len: u32,
     /// Kind byte.
     pub kind: u8,
+    /// Flags byte (for zero records: bit 0 = keep allocated).
+    pub flags: u8,
     /// Volume for data records, 0 otherwise.
     pub volume: VolumeId,
     /// Position in the group's history.
@@ -135,6 +151,9 @@ pub struct RecordHeader {
     pub length: u64,
     /// Payload bytes that follow the header.
     pub payload_len: u32,
+    /// How far behind this record the newest durable record was when it was written
+    /// (`seq - durable_seq`, saturated): lets recovery tell a torn tail from corruption.
+    pub durable_lag: u32,
 }
 
 impl RecordHeader {
@@ -152,6 +171,7 @@ impl RecordHeader {
         let header = RecordHeader {
             total_len: u32_at(4),
             kind: bytes[8],
+            flags: bytes[9],
             volume: VolumeId(u32_at(12)),
             seq: Seq(u64_at(16)),
             generation: Generation(u64_at(24)),
@@ -159,6 +179,7 @@ impl RecordHeader {
             offset: u64_at(40),
             length: u64_at(48),
             payload_len: u32_at(56),
+            durable_lag: u32_at(60),
         };
         if header.payload_len as usize > PAYLOAD_BYTES_MAX {
             return Err("payload length over the limit");
@@ -187,25 +208,54 @@ pub struct RecordMeta {
     pub generation: Generation,
     /// Source time.
     pub time: UnixNanos,
+    /// Newest seq known durable when this record is written.
+    pub durable: Seq,
 }
 
 /// Encode a record after `prev_chain` into `out` (cleared first); returns its new chain hash.
 pub fn encode(meta: RecordMeta, body: &RecordBody, prev_chain: &ChainHash, out: &mut Vec<u8>) -> ChainHash {
-    out.clear();
-    let control_bytes;
-    let (kind, volume, offset, length, payload): (u8, VolumeId, u64, u64, &[u8]) = match body {
-        RecordBody::Write { volume, offset, data } => (KIND_WRITE, *volume, *offset, data.len() as u64, data),
-        RecordBody::Zero { volume, offset, length } => (KIND_ZERO, *volume, *offset, *length, &[]),
-        RecordBody::Control(control) => {
-            control_bytes = postcard::to_stdvec(control).expect("control records always serialize");
-            (KIND_CONTROL, VolumeId(0), 0, 0, &control_bytes)
+    match body {
+        RecordBody::Write { volume, offset, data } => encode_write(meta, *volume, *offset, data, prev_chain, out),
+        RecordBody::Zero { volume, offset, length, mode } => {
+            let flags = if *mode == ZeroMode::Allocate { FLAG_ZERO_ALLOCATE } else { 0 };
+            encode_parts(meta, (KIND_ZERO, flags), *volume, *offset, *length, &[], prev_chain, out)
         }
-    };
+        RecordBody::Control(control) => {
+            let payload = postcard::to_stdvec(control).expect("control records always serialize");
+            encode_parts(meta, (KIND_CONTROL, 0), VolumeId(0), 0, 0, &payload, prev_chain, out)
+        }
+    }
+}
+
+/// Encode a write record straight from borrowed data (the hot path: no copy into a body).
+pub fn encode_write(
+    meta: RecordMeta,
+    volume: VolumeId,
+    offset: u64,
+    data: &[u8],
+    prev_chain: &ChainHash,
+    out: &mut Vec<u8>,
+) -> ChainHash {
+    encode_parts(meta, (KIND_WRITE, 0), volume, offset, data.len() as u64, data, prev_chain, out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn encode_parts(
+    meta: RecordMeta,
+    (kind, flags): (u8, u8),
+    volume: VolumeId,
+    offset: u64,
+    length: u64,
+    payload: &[u8],
+    prev_chain: &ChainHash,
+    out: &mut Vec<u8>,
+) -> ChainHash {
     assert!(payload.len() <= PAYLOAD_BYTES_MAX, "record payload over PAYLOAD_BYTES_MAX");
+    out.clear();
     let total_len = (HEADER_BYTES + payload.len() + TRAILER_BYTES) as u32;
     out.extend_from_slice(&RECORD_MAGIC);
     out.extend_from_slice(&total_len.to_le_bytes());
-    out.extend_from_slice(&[kind, 0, 0, 0]);
+    out.extend_from_slice(&[kind, flags, 0, 0]);
     out.extend_from_slice(&volume.0.to_le_bytes());
     out.extend_from_slice(&meta.seq.0.to_le_bytes());
     out.extend_from_slice(&meta.generation.0.to_le_bytes());
@@ -213,7 +263,8 @@ pub fn encode(meta: RecordMeta, body: &RecordBody, prev_chain: &ChainHash, out: 
     out.extend_from_slice(&offset.to_le_bytes());
     out.extend_from_slice(&length.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&[0; 4]);
+    let durable_lag = u32::try_from(meta.seq.0.saturating_sub(meta.durable.0)).unwrap_or(u32::MAX);
+    out.extend_from_slice(&durable_lag.to_le_bytes());
     debug_assert_eq!(out.len(), HEADER_BYTES);
     out.extend_from_slice(payload);
     let checksum = checksum_of(out);
@@ -252,7 +303,12 @@ pub fn decode(bytes: &[u8], prev_chain: Option<&ChainHash>) -> Result<Record, De
             }
             RecordBody::Write { volume: header.volume, offset: header.offset, data: payload.to_vec() }
         }
-        KIND_ZERO => RecordBody::Zero { volume: header.volume, offset: header.offset, length: header.length },
+        KIND_ZERO => RecordBody::Zero {
+            volume: header.volume,
+            offset: header.offset,
+            length: header.length,
+            mode: if header.flags & FLAG_ZERO_ALLOCATE != 0 { ZeroMode::Allocate } else { ZeroMode::Punch },
+        },
         _ => RecordBody::Control(
             postcard::from_bytes(payload)
                 .map_err(|_| DecodeError::Malformed("undecodable control payload"))?,

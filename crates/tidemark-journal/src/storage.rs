@@ -30,6 +30,9 @@ pub trait StorageFile: Send + Sync {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Deallocate `[offset, offset+len)`; it reads as zeroes afterwards.
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// The allocated (data) ranges within `[offset, offset+len)`, as `(start, end)` byte pairs
+    /// in order. May over-report (a range that reads as zeroes), never under-report.
+    fn data_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64)>>;
 }
 
 /// A flat directory of files.
@@ -108,6 +111,26 @@ impl StorageFile for OsFile {
         use rustix::fs::{fallocate, FallocateFlags};
         fallocate(&self.0, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len)
             .map_err(io::Error::from)
+    }
+    fn data_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
+        use rustix::fs::{seek, SeekFrom};
+        let end = offset.saturating_add(len).min(self.len()?);
+        let mut ranges = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let data = match seek(&self.0, SeekFrom::Data(pos)) {
+                Ok(d) => d,
+                Err(rustix::io::Errno::NXIO) => break,
+                Err(e) => return Err(e.into()),
+            };
+            if data >= end {
+                break;
+            }
+            let hole = seek(&self.0, SeekFrom::Hole(data)).map_err(io::Error::from)?.min(end);
+            ranges.push((data, hole));
+            pos = hole;
+        }
+        Ok(ranges)
     }
 }
 
@@ -262,6 +285,26 @@ impl StorageFile for SimFile {
             self.write_all_at(&zeroes, offset)?;
         }
         Ok(())
+    }
+    fn data_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
+        // The simulation reports every non-zero sector as data: a valid over-approximation.
+        let state = self.state.lock();
+        let end = offset.saturating_add(len).min(state.live.len() as u64);
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let next = ((pos / SECTOR_BYTES) + 1) * SECTOR_BYTES;
+            let hi = next.min(end);
+            let nonzero = state.live.get(pos as usize..hi as usize).is_some_and(|s| s.iter().any(|&b| b != 0));
+            if nonzero {
+                match ranges.last_mut() {
+                    Some(last) if last.1 == pos => last.1 = hi,
+                    _ => ranges.push((pos, hi)),
+                }
+            }
+            pos = hi;
+        }
+        Ok(ranges)
     }
 }
 

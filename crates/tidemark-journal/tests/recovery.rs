@@ -48,7 +48,7 @@ fn records_survive_a_clean_reopen_across_segments() {
     let mut j = create(&storage);
     append_n(&mut j, 20);
     assert!(j.segments().len() > 2, "small segments must rotate");
-    j.sync_ticket().expect("ticket").file.sync_data().expect("sync");
+    j.sync_ticket().expect("ticket").sync().expect("sync");
     let (j2, seen, report) = reopen(&storage).expect("reopen");
     assert_eq!(seen.len(), 20);
     assert_eq!(report.torn_tail, None);
@@ -67,7 +67,7 @@ fn resume_point_skips_known_records() {
     append_n(&mut j, 5);
     let resume = j.resume_point();
     append_n(&mut j, 5);
-    j.sync_ticket().expect("ticket").file.sync_data().expect("sync");
+    j.sync_ticket().expect("ticket").sync().expect("sync");
     let st: Arc<dyn Storage> = Arc::new(storage.clone());
     let mut seqs = Vec::new();
     let (j2, _) = Journal::open(st, GROUP, small(), Some(resume), |r, _| {
@@ -84,13 +84,13 @@ fn torn_tail_is_truncated_and_appends_continue() {
     let storage = SimStorage::new();
     let mut j = create(&storage);
     append_n(&mut j, 2);
-    j.sync_ticket().expect("ticket").file.sync_data().expect("sync");
+    j.sync_ticket().expect("ticket").sync().expect("sync");
     let tail = j.resume_point().location;
     // Half a record at the tail, as a crash in the middle of a write leaves it.
     let file = storage.open(&tidemark_journal::journal::segment_name(tail.segment)).expect("open");
     let mut buf = Vec::new();
     tidemark_journal::record::encode(
-        tidemark_journal::record::RecordMeta { seq: Seq(3), generation: Generation(1), time: UnixNanos(5) },
+        tidemark_journal::record::RecordMeta { seq: Seq(3), generation: Generation(1), time: UnixNanos(5), durable: Seq(2) },
         &write(3),
         &j.chain(),
         &mut buf,
@@ -108,9 +108,11 @@ fn torn_tail_is_truncated_and_appends_continue() {
 fn corruption_before_the_tail_is_reported_with_file_and_offset() {
     let storage = SimStorage::new();
     let mut j = create(&storage);
-    append_n(&mut j, 3);
-    j.sync_ticket().expect("ticket").file.sync_data().expect("sync");
-    // Flip one payload byte of the first record; valid records follow it.
+    append_n(&mut j, 1);
+    j.sync_ticket().expect("ticket").sync().expect("sync");
+    append_n(&mut j, 2);
+    j.sync_ticket().expect("ticket").sync().expect("sync");
+    // Flip one payload byte of the first record; records written after it was durable follow.
     let file = storage.open(&tidemark_journal::journal::segment_name(0)).expect("open");
     let offset = tidemark_journal::journal::SEGMENT_HEADER_BYTES + 100;
     file.write_all_at(&[0xff], offset).expect("corrupt");
@@ -130,7 +132,7 @@ fn corruption_in_a_sealed_segment_is_reported() {
     let storage = SimStorage::new();
     let mut j = create(&storage);
     append_n(&mut j, 12);
-    j.sync_ticket().expect("ticket").file.sync_data().expect("sync");
+    j.sync_ticket().expect("ticket").sync().expect("sync");
     let file = storage.open(&tidemark_journal::journal::segment_name(0)).expect("open");
     let len = file.len().expect("len");
     // The last record of a sealed segment is damaged: never a torn tail.
@@ -155,7 +157,7 @@ proptest! {
         let mut synced = 0usize;
         for (i, op) in ops.iter().enumerate() {
             if *op == 0 {
-                j.sync_ticket().expect("ticket").file.sync_data().expect("sync");
+                j.sync_ticket().expect("ticket").sync().expect("sync");
                 synced = appended.len();
             } else {
                 let body = write(i as u64);
@@ -171,4 +173,22 @@ proptest! {
             prop_assert_eq!(&r.body, body);
         }
     }
+}
+
+/// Regression: with torn writes, the kernel may write back a later unsynced record while an
+/// earlier one is lost. Recovery once refused such a journal as "corrupt"; both records were
+/// unsynced, so cutting them is right.
+#[test]
+fn unsynced_records_after_a_torn_one_are_a_tail_not_corruption() {
+    let storage = SimStorage::new();
+    let mut j = create(&storage);
+    append_n(&mut j, 1);
+    j.sync_ticket().expect("ticket").sync().expect("sync");
+    let torn_at = j.resume_point().location;
+    append_n(&mut j, 2);
+    let file = storage.open(&tidemark_journal::journal::segment_name(torn_at.segment)).expect("open");
+    file.write_all_at(&[0xff; 8], torn_at.offset + 200).expect("tear the first unsynced record");
+    let (_j, seen, report) = reopen(&storage).expect("a torn tail is not corruption");
+    assert_eq!(seen.len(), 1);
+    assert_eq!(report.torn_tail.map(|t| t.1), Some(torn_at.offset));
 }

@@ -1,0 +1,1121 @@
+//! A protection group: one journal, one block index, the base images of its volumes, and the
+//! operations on them (write, zero, read at any point, flush, rollback, trim of old history).
+//!
+//! Every change goes through [`GroupState::apply`], whether it comes from a host write or from
+//! replaying the journal at start-up, so the state after recovery is by construction the state
+//! the live path would have built from the same records (invariant 2).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use tidemark_journal::record::HEADER_BYTES;
+use tidemark_journal::storage::{Storage, StorageFile};
+use tidemark_journal::{
+    genesis_chain, Control, Generation, Journal, JournalConfig, JournalError, Location, Record, RecordBody, Seq,
+    UnixNanos, VolumeId, ZeroMode,
+};
+
+use crate::error::{EngineError, Result};
+use crate::events::{EngineEvent, EventSink};
+use crate::index::{Version, VolumeIndex};
+use crate::persist::{
+    read_framed, write_framed, BookmarkEntry, Checkpoint, ControlState, Role, RollbackEntry, VolumeMeta,
+    CHECKPOINT_FILE, CHECKPOINT_MAGIC, CONTROL_FILE, CONTROL_MAGIC,
+};
+use crate::types::{GroupOptions, Point, PointInfo, Progress};
+use crate::Clock;
+
+/// Largest data one write record carries; bigger host writes become several records.
+pub const RECORD_DATA_BYTES_MAX: usize = 4 << 20;
+/// Bytes of block data a rollback moves per record.
+const ROLLBACK_CHUNK_BYTES: u64 = 1 << 20;
+/// A checkpoint is written after this many records (and at shutdown).
+pub const CHECKPOINT_RECORDS_INTERVAL: u64 = 100_000;
+/// Journal segments are at most this large; smaller when the journal limit is small, so that
+/// trimming has something to trim.
+const SEGMENT_BYTES_MAX: u64 = 64 << 20;
+const SEGMENT_BYTES_MIN: u64 = 64 << 10;
+
+/// Why a group cannot take writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// Serving.
+    Ok,
+    /// An fsync failed; writes are refused until restart.
+    Poisoned(String),
+}
+
+/// What a read at a point draws its bytes from, block run by block run.
+enum Piece {
+    Zero { len: usize },
+    Journal { file: Arc<dyn StorageFile>, segment: u64, offset: u64, block_bytes: usize, crcs: Vec<u32> },
+    Base { file: Arc<dyn StorageFile>, offset: u64, len: usize },
+}
+
+/// A volume as the group holds it.
+pub struct VolumeState {
+    /// Its description.
+    pub meta: VolumeMeta,
+    /// Its base image (the state at the horizon).
+    pub base: Arc<dyn StorageFile>,
+}
+
+/// Everything behind the group lock.
+pub struct GroupState {
+    journal: Journal,
+    control: ControlState,
+    volumes: BTreeMap<VolumeId, VolumeState>,
+    index: HashMap<VolumeId, VolumeIndex>,
+    bookmarks: Vec<BookmarkEntry>,
+    rollbacks: Vec<RollbackEntry>,
+    /// Source time of every record from `times_first_seq` on (times never decrease).
+    times: VecDeque<u64>,
+    times_first_seq: Seq,
+    records_since_checkpoint: u64,
+    storage: Arc<dyn Storage>,
+}
+
+/// One protection group.
+pub struct Group {
+    /// Site-unique name.
+    pub name: String,
+    /// Stable id (directory name, segment headers).
+    pub id: u64,
+    /// Retention and size limits.
+    pub options: GroupOptions,
+    state: Mutex<GroupState>,
+    sync_lock: Mutex<()>,
+    durable_seq: AtomicU64,
+    health: RwLock<Health>,
+    clock: Arc<dyn Clock>,
+    events: Arc<dyn EventSink>,
+    storage: Arc<dyn Storage>,
+}
+
+fn journal_config(options: &GroupOptions) -> JournalConfig {
+    JournalConfig { segment_bytes_max: (options.journal_max_bytes / 8).clamp(SEGMENT_BYTES_MIN, SEGMENT_BYTES_MAX) }
+}
+
+fn base_name(volume: VolumeId) -> String {
+    format!("base-{:08x}.img", volume.0)
+}
+
+fn io_err(action: &'static str, storage: &dyn Storage, name: &str) -> impl FnOnce(std::io::Error) -> EngineError {
+    let path = storage.describe(name);
+    move |source| EngineError::Io { action, path, source }
+}
+
+impl Group {
+    /// Create a new, empty group in `storage`.
+    pub fn create(
+        storage: Arc<dyn Storage>,
+        id: u64,
+        name: &str,
+        options: GroupOptions,
+        clock: Arc<dyn Clock>,
+        events: Arc<dyn EventSink>,
+    ) -> Result<Group> {
+        let control = ControlState {
+            group_id: id,
+            horizon: Seq(0),
+            horizon_time: clock.now(),
+            base_applied: Seq(0),
+            volumes: Vec::new(),
+            role: Role::Primary,
+            generation: 1,
+        };
+        write_framed(&*storage, CONTROL_FILE, CONTROL_MAGIC, &control)
+            .map_err(io_err("write control file", &*storage, CONTROL_FILE))?;
+        let journal = Journal::create(storage.clone(), id, journal_config(&options), Seq(1), genesis_chain(id))?;
+        let state = GroupState {
+            journal,
+            control,
+            volumes: BTreeMap::new(),
+            index: HashMap::new(),
+            bookmarks: Vec::new(),
+            rollbacks: Vec::new(),
+            times: VecDeque::new(),
+            times_first_seq: Seq(1),
+            records_since_checkpoint: 0,
+            storage: storage.clone(),
+        };
+        Ok(Group::assemble(name, id, options, state, clock, events, storage))
+    }
+
+    /// Open an existing group: read the control file, load the checkpoint if it is usable,
+    /// replay the journal after it, finish any interrupted horizon advance or rollback.
+    pub fn open(
+        storage: Arc<dyn Storage>,
+        id: u64,
+        name: &str,
+        options: GroupOptions,
+        clock: Arc<dyn Clock>,
+        events: Arc<dyn EventSink>,
+    ) -> Result<Group> {
+        let control: ControlState = read_framed(&*storage, CONTROL_FILE, CONTROL_MAGIC)
+            .map_err(|reason| EngineError::Failed {
+                group: name.into(),
+                reason: format!("control file {}: {reason}", storage.describe(CONTROL_FILE).display()),
+            })?
+            .ok_or_else(|| EngineError::Failed {
+                group: name.into(),
+                reason: format!("control file {} is missing", storage.describe(CONTROL_FILE).display()),
+            })?;
+        let checkpoint: Option<Checkpoint> = match read_framed(&*storage, CHECKPOINT_FILE, CHECKPOINT_MAGIC) {
+            Ok(c) => c,
+            Err(reason) => {
+                // Derived state: rebuild from the journal rather than refuse to start.
+                events.event(EngineEvent::CheckpointDiscarded { group: name.into(), reason });
+                None
+            }
+        };
+        let segment_exists = |location: Location| {
+            storage.open_existing(&tidemark_journal::journal::segment_name(location.segment)).ok().flatten().is_some()
+        };
+        let checkpoint = checkpoint.filter(|c| {
+            c.resume.next_seq.0 > control.base_applied.0 && segment_exists(c.resume.location)
+        });
+        let mut state = GroupState {
+            // Replaced below once the journal is open; a placeholder needs a journal, so the
+            // state is built from parts instead.
+            journal: Journal::create(
+                Arc::new(tidemark_journal::storage::SimStorage::new()),
+                id,
+                JournalConfig::default(),
+                Seq(1),
+                genesis_chain(id),
+            )?,
+            control: control.clone(),
+            volumes: BTreeMap::new(),
+            index: HashMap::new(),
+            bookmarks: Vec::new(),
+            rollbacks: Vec::new(),
+            times: VecDeque::new(),
+            times_first_seq: Seq(control.horizon.0 + 1),
+            records_since_checkpoint: 0,
+            storage: storage.clone(),
+        };
+        let resume = match &checkpoint {
+            Some(c) => {
+                for meta in &c.volumes {
+                    state.add_volume(meta.clone())?;
+                }
+                for (volume, blocks) in &c.index {
+                    state.index.insert(*volume, VolumeIndex::from_pairs(blocks.iter().cloned()));
+                }
+                state.bookmarks = c.bookmarks.clone();
+                state.rollbacks = c.rollbacks.clone();
+                state.times = c.times.iter().copied().collect();
+                state.times_first_seq = c.times_first_seq;
+                Some(c.resume)
+            }
+            None => {
+                for meta in &control.volumes {
+                    state.add_volume(meta.clone())?;
+                }
+                None
+            }
+        };
+        let mut first = true;
+        let (journal, report) =
+            Journal::open(storage.clone(), id, journal_config(&options), resume, |record, location| {
+                if first && resume.is_none() {
+                    state.times_first_seq = record.seq;
+                    first = false;
+                }
+                state.apply(record, location, None).map_err(|e| JournalError::Invalid(e.to_string()))
+            })?;
+        state.journal = journal;
+        if let Some((segment, offset, bytes)) = report.torn_tail {
+            events.event(EngineEvent::TornTailTruncated { group: name.into(), segment, offset, bytes });
+        }
+        // Versions at or before base_applied are already in the base images.
+        let applied = state.control.base_applied;
+        for index in state.index.values_mut() {
+            let blocks: Vec<u64> = index.iter().map(|(b, _)| b).collect();
+            index.take_through(blocks, applied);
+        }
+        state.bookmarks.retain(|b| b.seq > state.control.horizon);
+        let group = Group::assemble(name, id, options, state, clock, events, storage);
+        {
+            let mut st = group.state.lock();
+            if st.control.base_applied < st.control.horizon {
+                // A horizon advance was interrupted after the horizon was raised: finish it.
+                let horizon = st.control.horizon;
+                group.apply_to_base(&mut st, horizon, None)?;
+            }
+        }
+        let pending = group.state.lock().rollbacks.last().filter(|r| r.end.is_none()).cloned();
+        if let Some(pending) = pending {
+            group.events.event(EngineEvent::RollbackResumed { group: name.into(), target: pending.target.0 });
+            group.run_rollback(pending.target, Some(pending.begin), &|_| {})?;
+        }
+        Ok(group)
+    }
+
+    fn assemble(
+        name: &str,
+        id: u64,
+        options: GroupOptions,
+        state: GroupState,
+        clock: Arc<dyn Clock>,
+        events: Arc<dyn EventSink>,
+        storage: Arc<dyn Storage>,
+    ) -> Group {
+        let durable = state.journal.last_seq().0;
+        Group {
+            name: name.to_string(),
+            id,
+            options,
+            state: Mutex::new(state),
+            sync_lock: Mutex::new(()),
+            durable_seq: AtomicU64::new(durable),
+            health: RwLock::new(Health::Ok),
+            clock,
+            events,
+            storage,
+        }
+    }
+
+    /// Current health.
+    pub fn health(&self) -> Health {
+        self.health.read().clone()
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        match &*self.health.read() {
+            Health::Ok => Ok(()),
+            Health::Poisoned(reason) => Err(EngineError::Poisoned { group: self.name.clone(), reason: reason.clone() }),
+        }
+    }
+
+    /// Stop the group after a failed fsync: the page cache can no longer be trusted.
+    fn poison(&self, reason: String) -> EngineError {
+        let mut health = self.health.write();
+        if *health == Health::Ok {
+            *health = Health::Poisoned(reason.clone());
+            self.events.event(EngineEvent::GroupPoisoned { group: self.name.clone(), reason: reason.clone() });
+        }
+        EngineError::Poisoned { group: self.name.clone(), reason }
+    }
+
+    fn journal_result<T>(&self, result: std::result::Result<T, JournalError>) -> Result<T> {
+        match result {
+            Err(JournalError::SyncFailed(reason)) => Err(self.poison(reason)),
+            other => other.map_err(EngineError::from),
+        }
+    }
+
+    /// Append `body` as the newest record and apply it.
+    fn append(&self, st: &mut GroupState, body: &RecordBody) -> Result<Seq> {
+        let generation = Generation(st.control.generation);
+        let appended = self.journal_result(st.journal.append(generation, self.clock.now(), body))?;
+        let record = Record {
+            seq: appended.seq,
+            generation,
+            time: st.journal.last_time(),
+            body: body.clone(),
+            checksum: [0; 16],
+            chain: appended.chain,
+        };
+        st.apply(&record, appended.location, None)?;
+        Ok(appended.seq)
+    }
+
+    /// Append a control record and make it durable before returning.
+    pub fn append_control(&self, control: Control) -> Result<Seq> {
+        self.check_writable()?;
+        let seq = {
+            let mut st = self.state.lock();
+            self.append(&mut st, &RecordBody::Control(control))?
+        };
+        self.sync_through(seq)?;
+        Ok(seq)
+    }
+
+    /// Write whole or partial blocks of `volume`.
+    pub fn write(&self, volume: VolumeId, offset: u64, data: &[u8]) -> Result<Seq> {
+        self.check_writable()?;
+        let mut st = self.state.lock();
+        let meta = st.volume(volume, &self.name)?.meta.clone();
+        check_range(&meta, offset, data.len() as u64)?;
+        let bs = u64::from(meta.block_size_bytes);
+        if offset % bs == 0 && data.len() as u64 % bs == 0 {
+            return self.append_aligned(&mut st, &meta, offset, data);
+        }
+        // Read-modify-write of the partial edge blocks, under the lock so that concurrent
+        // unaligned writes to one block cannot lose each other's bytes.
+        let start = offset / bs * bs;
+        let end = (offset + data.len() as u64).div_ceil(bs) * bs;
+        let mut buf = vec![0u8; (end - start) as usize];
+        st.read_into(volume, start, &mut buf, None, &self.name)?;
+        let at = (offset - start) as usize;
+        if let Some(dst) = buf.get_mut(at..at + data.len()) {
+            dst.copy_from_slice(data);
+        }
+        self.append_aligned(&mut st, &meta, start, &buf)
+    }
+
+    fn append_aligned(&self, st: &mut GroupState, meta: &VolumeMeta, offset: u64, data: &[u8]) -> Result<Seq> {
+        let mut last = st.journal.last_seq();
+        let bs = meta.block_size_bytes as usize;
+        let chunk = RECORD_DATA_BYTES_MAX / bs * bs;
+        for (i, piece) in data.chunks(chunk).enumerate() {
+            let piece_offset = offset + (i * chunk) as u64;
+            let generation = Generation(st.control.generation);
+            let crcs: Vec<u32> = piece.chunks(bs).map(crc32c::crc32c).collect();
+            let appended = self.journal_result(st.journal.append_write(
+                generation,
+                self.clock.now(),
+                meta.id,
+                piece_offset,
+                piece,
+            ))?;
+            let time = st.journal.last_time();
+            st.apply_write(appended.seq, time, meta.id, piece_offset, appended.location, &crcs);
+            last = appended.seq;
+        }
+        Ok(last)
+    }
+
+    /// Make `[offset, offset+length)` read as zeroes.
+    pub fn zero(&self, volume: VolumeId, offset: u64, length: u64, mode: ZeroMode) -> Result<Seq> {
+        self.check_writable()?;
+        let mut st = self.state.lock();
+        let meta = st.volume(volume, &self.name)?.meta.clone();
+        check_range(&meta, offset, length)?;
+        let bs = u64::from(meta.block_size_bytes);
+        let end = offset + length;
+        let inner_start = offset.div_ceil(bs) * bs;
+        let inner_end = end / bs * bs;
+        let mut last = st.journal.last_seq();
+        if inner_start >= inner_end {
+            // Entirely inside one block (or two partial ones): rewrite them with zeroes.
+            let start = offset / bs * bs;
+            let stop = end.div_ceil(bs) * bs;
+            let mut buf = vec![0u8; (stop - start) as usize];
+            st.read_into(volume, start, &mut buf, None, &self.name)?;
+            if let Some(z) = buf.get_mut((offset - start) as usize..(end - start) as usize) {
+                z.fill(0);
+            }
+            return self.append_aligned(&mut st, &meta, start, &buf);
+        }
+        for (lo, hi) in [(offset, inner_start), (inner_end, end)] {
+            if lo < hi {
+                let block = lo / bs * bs;
+                let mut buf = vec![0u8; bs as usize];
+                st.read_into(volume, block, &mut buf, None, &self.name)?;
+                if let Some(z) = buf.get_mut((lo - block) as usize..(hi - block) as usize) {
+                    z.fill(0);
+                }
+                last = self.append_aligned(&mut st, &meta, block, &buf)?;
+            }
+        }
+        let body = RecordBody::Zero { volume, offset: inner_start, length: inner_end - inner_start, mode };
+        last = last.max(self.append(&mut st, &body)?);
+        Ok(last)
+    }
+
+    /// Read `buf.len()` bytes at `offset` as of `at` (`None` = newest).
+    pub fn read(&self, volume: VolumeId, offset: u64, buf: &mut [u8], at: Option<Seq>) -> Result<()> {
+        let pieces = {
+            let st = self.state.lock();
+            let meta = st.volume(volume, &self.name)?.meta.clone();
+            check_range(&meta, offset, buf.len() as u64)?;
+            let bs = u64::from(meta.block_size_bytes);
+            if offset % bs != 0 || buf.len() as u64 % bs != 0 {
+                drop(st);
+                return self.read_unaligned(volume, bs, offset, buf, at);
+            }
+            st.plan_read(volume, offset, buf.len() as u64, at, &self.name)?
+        };
+        execute_read(&pieces, buf, &*self.storage, &self.name)
+    }
+
+    fn read_unaligned(&self, volume: VolumeId, bs: u64, offset: u64, buf: &mut [u8], at: Option<Seq>) -> Result<()> {
+        let start = offset / bs * bs;
+        let end = (offset + buf.len() as u64).div_ceil(bs) * bs;
+        let mut tmp = vec![0u8; (end - start) as usize];
+        self.read(volume, start, &mut tmp, at)?;
+        let at = (offset - start) as usize;
+        if let Some(src) = tmp.get(at..at + buf.len()) {
+            buf.copy_from_slice(src);
+        }
+        Ok(())
+    }
+
+    /// Make every record appended so far durable (one fdatasync for all waiting writers).
+    pub fn flush(&self) -> Result<()> {
+        let target = self.state.lock().journal.last_seq();
+        self.sync_through(target)
+    }
+
+    /// Make every record up to `target` durable.
+    pub fn sync_through(&self, target: Seq) -> Result<()> {
+        if self.durable_seq.load(Ordering::Acquire) >= target.0 {
+            return Ok(());
+        }
+        let _sync = self.sync_lock.lock();
+        if self.durable_seq.load(Ordering::Acquire) >= target.0 {
+            return Ok(());
+        }
+        self.check_writable()?;
+        let Some(ticket) = self.state.lock().journal.sync_ticket() else { return Ok(()) };
+        match ticket.sync() {
+            Ok(()) => {
+                self.durable_seq.fetch_max(ticket.upto.0, Ordering::AcqRel);
+                Ok(())
+            }
+            Err(e) => Err(self.poison(format!("fdatasync of the journal failed: {e}"))),
+        }
+    }
+
+    /// Seq of the newest durable record.
+    pub fn durable_seq(&self) -> Seq {
+        Seq(self.durable_seq.load(Ordering::Acquire))
+    }
+
+    /// Run `f` with the state locked (for the engine's catalog-level operations).
+    pub fn with_state<T>(&self, f: impl FnOnce(&mut GroupState) -> T) -> T {
+        f(&mut self.state.lock())
+    }
+
+    /// Resolve an operator's point to a seq within the recoverable range.
+    pub fn resolve(&self, point: &Point) -> Result<Seq> {
+        let st = self.state.lock();
+        st.resolve(point, self.clock.now(), &self.name)
+    }
+
+    /// Describe a seq as a point (seq and time).
+    pub fn point_info(&self, seq: Seq) -> PointInfo {
+        self.state.lock().point_info(seq)
+    }
+
+    /// Add a bookmark at the current newest point.
+    pub fn bookmark(&self, name: &str) -> Result<(Seq, UnixNanos)> {
+        if self.state.lock().bookmarks.iter().any(|b| b.name == name) {
+            return Err(EngineError::AlreadyExists { kind: "bookmark", name: name.into() });
+        }
+        let seq = self.append_control(Control::Bookmark { name: name.into() })?;
+        let time = self.state.lock().time_of(seq);
+        Ok((seq, time))
+    }
+
+    /// Bookmarks, oldest first.
+    pub fn bookmarks(&self) -> Vec<BookmarkEntry> {
+        self.state.lock().bookmarks.clone()
+    }
+
+    /// Rollbacks, oldest first.
+    pub fn rollbacks(&self) -> Vec<RollbackEntry> {
+        self.state.lock().rollbacks.clone()
+    }
+
+    /// Put the group's volumes back to their state at `target`, by appending records that
+    /// rewrite every block changed since. Host I/O to the group waits while it runs.
+    pub fn rollback(&self, target: Seq, progress: &dyn Fn(Progress)) -> Result<RollbackEntry> {
+        self.check_writable()?;
+        self.run_rollback(target, None, progress)
+    }
+
+    fn run_rollback(&self, target: Seq, resume: Option<Seq>, progress: &dyn Fn(Progress)) -> Result<RollbackEntry> {
+        let mut st = self.state.lock();
+        let begin = match resume {
+            Some(begin) => begin,
+            None => self.append(&mut st, &RecordBody::Control(Control::RollbackBegin { target }))?,
+        };
+        // Every block with a version after the target differs (or may differ) from its state at
+        // the target; the rollback rewrites exactly those, in runs.
+        let mut plan: Vec<(VolumeMeta, u64, u64)> = Vec::new();
+        let mut total = 0u64;
+        for (id, vol) in &st.volumes {
+            let Some(index) = st.index.get(id) else { continue };
+            let bs = u64::from(vol.meta.block_size_bytes);
+            let mut run: Option<(u64, u64)> = None;
+            for (block, versions) in index.iter() {
+                if versions.newest().is_none_or(|v| v.seq <= target.0) {
+                    continue;
+                }
+                run = match run {
+                    Some((s, e)) if e == block && (e - s + 1) * bs <= ROLLBACK_CHUNK_BYTES => Some((s, block + 1)),
+                    Some((s, e)) => {
+                        plan.push((vol.meta.clone(), s, e));
+                        total += (e - s) * bs;
+                        Some((block, block + 1))
+                    }
+                    None => Some((block, block + 1)),
+                };
+            }
+            if let Some((s, e)) = run {
+                plan.push((vol.meta.clone(), s, e));
+                total += (e - s) * bs;
+            }
+        }
+        let mut done = 0u64;
+        progress(Progress { done_bytes: 0, total_bytes: total });
+        for (meta, start, end) in plan {
+            let bs = u64::from(meta.block_size_bytes);
+            let mut buf = vec![0u8; ((end - start) * bs) as usize];
+            st.read_into(meta.id, start * bs, &mut buf, Some(target), &self.name)?;
+            if buf.iter().all(|&b| b == 0) {
+                let body =
+                    RecordBody::Zero { volume: meta.id, offset: start * bs, length: (end - start) * bs, mode: ZeroMode::Punch };
+                self.append(&mut st, &body)?;
+            } else {
+                self.append_aligned(&mut st, &meta, start * bs, &buf)?;
+            }
+            done += buf.len() as u64;
+            if let Some(r) = st.rollbacks.last_mut() {
+                r.bytes_rewritten = done;
+            }
+            progress(Progress { done_bytes: done, total_bytes: total });
+        }
+        let end_seq = self.append(&mut st, &RecordBody::Control(Control::RollbackEnd { target, begin }))?;
+        let entry = st.rollbacks.last().cloned().ok_or_else(|| EngineError::InvalidArgument("rollback lost".into()))?;
+        drop(st);
+        self.sync_through(end_seq)?;
+        Ok(entry)
+    }
+
+    /// Advance the horizon past the oldest segments that retention or the size limit let go,
+    /// never past `pin` (the oldest seq an image still needs). Returns the new horizon, if moved.
+    pub fn trim(&self, pin: Option<Seq>) -> Result<Option<Seq>> {
+        let now = self.clock.now();
+        let mut moved = None;
+        loop {
+            let st = self.state.lock();
+            let segments = st.journal.segments();
+            let (Some(_oldest), Some(next)) = (segments.first(), segments.get(1)) else { break };
+            let through = Seq(next.first_seq.0 - 1);
+            let newest_time = st.time_of(through);
+            let retention_ns = self.options.retention_seconds.saturating_mul(1_000_000_000);
+            let expired = now.0.saturating_sub(newest_time.0) > retention_ns;
+            let over_limit = st.journal.bytes() > self.options.journal_max_bytes;
+            if !expired && !over_limit {
+                break;
+            }
+            if pin.is_some_and(|p| through > p) {
+                if over_limit {
+                    self.events.event(EngineEvent::JournalPinned {
+                        group: self.name.clone(),
+                        journal_bytes: st.journal.bytes(),
+                        pinned_seq: pin.map_or(0, |p| p.0),
+                    });
+                }
+                break;
+            }
+            // Everything through `through` must be durable before it can become the base.
+            drop(st);
+            self.sync_through(through)?;
+            let mut st = self.state.lock();
+            self.apply_to_base(&mut st, through, Some(next.index))?;
+            if over_limit && !expired {
+                let info = st.point_info(through);
+                self.events.event(EngineEvent::HistoryTrimmed {
+                    group: self.name.clone(),
+                    oldest_seq: info.seq,
+                    oldest_time: info.time,
+                    journal_bytes: st.journal.bytes(),
+                });
+            }
+            moved = Some(through);
+        }
+        Ok(moved)
+    }
+
+    /// Move the state at `horizon` into the base images and forget older history. Crash-safe:
+    /// the raised horizon is durable before any base block changes, and the old segments are
+    /// removed only after the base is synced and `base_applied` is durable.
+    fn apply_to_base(&self, st: &mut GroupState, horizon: Seq, remove_before_segment: Option<u64>) -> Result<()> {
+        st.control.horizon = horizon;
+        st.control.horizon_time = st.time_of(horizon);
+        st.control.volumes = st.volumes.values().map(|v| v.meta.clone()).collect();
+        st.write_control()?;
+        let mut touched = BTreeSet::new();
+        let ids: Vec<VolumeId> = st.index.keys().copied().collect();
+        for id in ids {
+            let Some(index) = st.index.get_mut(&id) else { continue };
+            let blocks: Vec<u64> = index.iter().filter(|(_, v)| v.iter().next().is_some_and(|o| o.seq <= horizon.0)).map(|(b, _)| b).collect();
+            let moved = index.take_through(blocks, horizon);
+            let Some(vol) = st.volumes.get(&id) else { continue };
+            let bs = u64::from(vol.meta.block_size_bytes);
+            let base = vol.base.clone();
+            let base_name = base_name(id);
+            let mut buf = vec![0u8; bs as usize];
+            for (block, version) in moved {
+                let offset = block * bs;
+                match version.location() {
+                    Some(loc) => {
+                        read_journal_block(&st.journal, loc, version.crc, &mut buf, &self.name)?;
+                        base.write_all_at(&buf, offset).map_err(io_err("write base image", &*self.storage, &base_name))?;
+                    }
+                    None if version.crc == ZERO_ALLOCATED => {
+                        buf.fill(0);
+                        base.write_all_at(&buf, offset).map_err(io_err("write base image", &*self.storage, &base_name))?;
+                    }
+                    None => base.punch_hole(offset, bs).map_err(io_err("punch base image", &*self.storage, &base_name))?,
+                }
+            }
+            touched.insert(id);
+        }
+        for id in touched {
+            if let Some(vol) = st.volumes.get(&id) {
+                vol.base.sync_data().map_err(|e| self.poison(format!("fdatasync of a base image failed: {e}")))?;
+            }
+        }
+        st.control.base_applied = horizon;
+        st.write_control()?;
+        if let Some(segment) = remove_before_segment {
+            st.journal.remove_segments_before(segment)?;
+        }
+        while st.times_first_seq <= horizon && !st.times.is_empty() {
+            st.times.pop_front();
+            st.times_first_seq = Seq(st.times_first_seq.0 + 1);
+        }
+        st.bookmarks.retain(|b| b.seq > horizon);
+        st.rollbacks.retain(|r| r.begin > horizon);
+        Ok(())
+    }
+
+    /// Write a checkpoint of the index if enough records arrived since the last (or `force`).
+    pub fn checkpoint(&self, force: bool) -> Result<bool> {
+        let (checkpoint, ticket) = {
+            let mut st = self.state.lock();
+            if !force && st.records_since_checkpoint < CHECKPOINT_RECORDS_INTERVAL {
+                return Ok(false);
+            }
+            if st.records_since_checkpoint == 0 {
+                return Ok(false);
+            }
+            st.records_since_checkpoint = 0;
+            (st.snapshot(), st.journal.sync_ticket())
+        };
+        // The checkpoint must never point past what the journal holds durably.
+        if let Some(ticket) = ticket {
+            self.sync_through(ticket.upto)?;
+        }
+        write_framed(&*self.storage, CHECKPOINT_FILE, CHECKPOINT_MAGIC, &checkpoint)
+            .map_err(io_err("write checkpoint", &*self.storage, CHECKPOINT_FILE))?;
+        Ok(true)
+    }
+
+    /// Volumes of the group.
+    pub fn volumes(&self) -> Vec<VolumeMeta> {
+        self.state.lock().volumes.values().map(|v| v.meta.clone()).collect()
+    }
+
+    /// Allocation of `[offset, offset+length)` at `at`: runs of (length, allocated, zero).
+    pub fn allocation(&self, volume: VolumeId, offset: u64, length: u64, at: Option<Seq>) -> Result<Vec<(u64, bool, bool)>> {
+        let st = self.state.lock();
+        let vol = st.volume(volume, &self.name)?;
+        check_range(&vol.meta, offset, length)?;
+        let bs = u64::from(vol.meta.block_size_bytes);
+        let end = offset + length;
+        let first = offset / bs;
+        let last = end.div_ceil(bs);
+        let base_ranges = vol.base.data_ranges(first * bs, (last - first) * bs).map_err(io_err("query base image", &*self.storage, &base_name(volume)))?;
+        // Per block state from the index where it has a version, else from the base.
+        let mut overrides: BTreeMap<u64, (bool, bool)> = BTreeMap::new();
+        if let Some(index) = st.index.get(&volume) {
+            for (block, versions) in index.range(first..last) {
+                if let Some(v) = versions.at(at) {
+                    let state = if !v.is_zero() { (true, false) } else if v.crc == ZERO_ALLOCATED { (true, true) } else { (false, true) };
+                    overrides.insert(block, state);
+                }
+            }
+        }
+        let base_state = |block: u64| -> (bool, bool) {
+            let pos = block * bs;
+            if base_ranges.iter().any(|&(s, e)| pos < e && pos + bs > s) { (true, false) } else { (false, true) }
+        };
+        let mut runs: Vec<(u64, bool, bool)> = Vec::new();
+        let mut push = |len: u64, state: (bool, bool)| match runs.last_mut() {
+            Some(r) if (r.1, r.2) == state => r.0 += len,
+            _ => runs.push((len, state.0, state.1)),
+        };
+        // Walk block boundaries where something changes: index blocks and base range edges.
+        let mut cuts: BTreeSet<u64> = overrides.keys().flat_map(|&b| [b, b + 1]).collect();
+        for &(s, e) in &base_ranges {
+            cuts.insert(s / bs);
+            cuts.insert(e.div_ceil(bs));
+        }
+        cuts.insert(first);
+        cuts.insert(last);
+        let cuts: Vec<u64> = cuts.into_iter().filter(|&c| c >= first && c <= last).collect();
+        for w in cuts.windows(2) {
+            let (a, b) = (w[0], w[1]);
+            let state = overrides.get(&a).copied().unwrap_or_else(|| base_state(a));
+            let lo = (a * bs).max(offset);
+            let hi = (b * bs).min(end);
+            if hi > lo {
+                push(hi - lo, state);
+            }
+        }
+        Ok(runs)
+    }
+
+    /// Summary numbers for `group show`.
+    pub fn summary(&self) -> GroupSummary {
+        let st = self.state.lock();
+        let last_seq = st.journal.last_seq();
+        GroupSummary {
+            volumes: st.volumes.values().map(|v| v.meta.name.clone()).collect(),
+            last_seq,
+            oldest: st.point_info(st.control.horizon),
+            newest: st.point_info(last_seq),
+            journal_bytes: st.journal.bytes(),
+            index_versions: st.index.values().map(|i| i.version_count() as u64).sum(),
+        }
+    }
+}
+
+/// Numbers `group show` reports.
+pub struct GroupSummary {
+    /// Volume names.
+    pub volumes: Vec<String>,
+    /// Newest seq.
+    pub last_seq: Seq,
+    /// Oldest recoverable point.
+    pub oldest: PointInfo,
+    /// Newest point.
+    pub newest: PointInfo,
+    /// Journal bytes.
+    pub journal_bytes: u64,
+    /// Block versions held in the index.
+    pub index_versions: u64,
+}
+
+/// `crc` value that marks a zero version whose blocks stay allocated (NO_HOLE).
+const ZERO_ALLOCATED: u32 = 1;
+
+fn check_range(meta: &VolumeMeta, offset: u64, length: u64) -> Result<()> {
+    match offset.checked_add(length) {
+        Some(end) if end <= meta.size_bytes => Ok(()),
+        _ => Err(EngineError::InvalidArgument(format!(
+            "range [{offset}, +{length}) is outside volume {:?} of {} bytes",
+            meta.name, meta.size_bytes
+        ))),
+    }
+}
+
+fn read_journal_block(journal: &Journal, loc: Location, crc: u32, buf: &mut [u8], group: &str) -> Result<()> {
+    let file = journal.segment_file(loc.segment).ok_or_else(|| EngineError::Failed {
+        group: group.into(),
+        reason: format!("journal segment {} needed at offset {} is gone", loc.segment, loc.offset),
+    })?;
+    file.read_exact_at(buf, loc.offset).map_err(|e| EngineError::Failed {
+        group: group.into(),
+        reason: format!("reading journal segment {} at offset {}: {e}", loc.segment, loc.offset),
+    })?;
+    if crc32c::crc32c(buf) != crc {
+        return Err(EngineError::Failed {
+            group: group.into(),
+            reason: format!("block checksum mismatch in journal segment {} at offset {}", loc.segment, loc.offset),
+        });
+    }
+    Ok(())
+}
+
+fn execute_read(pieces: &[Piece], buf: &mut [u8], storage: &dyn Storage, group: &str) -> Result<()> {
+    let mut pos = 0usize;
+    for piece in pieces {
+        match piece {
+            Piece::Zero { len } => {
+                if let Some(dst) = buf.get_mut(pos..pos + len) {
+                    dst.fill(0);
+                }
+                pos += len;
+            }
+            Piece::Base { file, offset, len } => {
+                let dst = buf.get_mut(pos..pos + len).ok_or_else(|| EngineError::InvalidArgument("read plan overflow".into()))?;
+                // The base is sparse and may be shorter than the volume: past its end is zeroes.
+                let flen = file.len().map_err(io_err("stat base image", storage, "base"))?;
+                let avail = flen.saturating_sub(*offset).min(*len as u64) as usize;
+                let (head, tail) = dst.split_at_mut(avail);
+                if !head.is_empty() {
+                    file.read_exact_at(head, *offset).map_err(io_err("read base image", storage, "base"))?;
+                }
+                tail.fill(0);
+                pos += len;
+            }
+            Piece::Journal { file, segment, offset, block_bytes, crcs } => {
+                let total = block_bytes * crcs.len();
+                let dst = buf
+                    .get_mut(pos..pos + total)
+                    .ok_or_else(|| EngineError::InvalidArgument("read plan overflow".into()))?;
+                file.read_exact_at(dst, *offset).map_err(|e| EngineError::Failed {
+                    group: group.into(),
+                    reason: format!("reading journal segment {segment} at offset {offset}: {e}"),
+                })?;
+                for (i, (chunk, &crc)) in dst.chunks(*block_bytes).zip(crcs).enumerate() {
+                    if crc32c::crc32c(chunk) != crc {
+                        return Err(EngineError::Failed {
+                            group: group.into(),
+                            reason: format!(
+                                "block checksum mismatch in journal segment {segment} at offset {}",
+                                offset + (i * block_bytes) as u64
+                            ),
+                        });
+                    }
+                }
+                pos += total;
+            }
+        }
+    }
+    Ok(())
+}
+
+impl GroupState {
+    fn volume(&self, id: VolumeId, group: &str) -> Result<&VolumeState> {
+        self.volumes.get(&id).ok_or_else(|| EngineError::NotFound { kind: "volume", name: format!("{group}/{}", id.0) })
+    }
+
+    /// Volume id by name.
+    pub fn volume_id(&self, name: &str) -> Option<VolumeId> {
+        self.volumes.values().find(|v| v.meta.name == name).map(|v| v.meta.id)
+    }
+
+    /// Volume description by id.
+    pub fn volume_meta(&self, id: VolumeId) -> Option<VolumeMeta> {
+        self.volumes.get(&id).map(|v| v.meta.clone())
+    }
+
+    /// The id the next created volume gets.
+    pub fn next_volume_id(&self) -> VolumeId {
+        let max_known = self.volumes.keys().next_back().map_or(0, |v| v.0);
+        let max_index = self.index.keys().map(|v| v.0).max().unwrap_or(0);
+        VolumeId(max_known.max(max_index).max(self.control.volumes.iter().map(|v| v.id.0).max().unwrap_or(0)) + 1)
+    }
+
+    fn add_volume(&mut self, meta: VolumeMeta) -> Result<()> {
+        let name = base_name(meta.id);
+        let base = self.storage.open(&name).map_err(io_err("open base image", &*self.storage, &name))?;
+        if base.len().map_err(io_err("stat base image", &*self.storage, &name))? < meta.size_bytes {
+            base.set_len(meta.size_bytes).map_err(io_err("size base image", &*self.storage, &name))?;
+        }
+        self.volumes.insert(meta.id, VolumeState { meta, base });
+        Ok(())
+    }
+
+    fn write_control(&self) -> Result<()> {
+        write_framed(&*self.storage, CONTROL_FILE, CONTROL_MAGIC, &self.control)
+            .map_err(io_err("write control file", &*self.storage, CONTROL_FILE))
+    }
+
+    /// Apply one record to the in-memory state. The single path for live appends and replay.
+    fn apply(&mut self, record: &Record, location: Location, _crcs: Option<&[u32]>) -> Result<()> {
+        match &record.body {
+            RecordBody::Write { volume, offset, data } => {
+                let bs = self.volumes.get(volume).map_or(4096, |v| v.meta.block_size_bytes as usize);
+                let crcs: Vec<u32> = data.chunks(bs).map(crc32c::crc32c).collect();
+                self.apply_write(record.seq, record.time, *volume, *offset, location, &crcs);
+                return Ok(());
+            }
+            RecordBody::Zero { volume, offset, length, mode } => {
+                if let Some(vol) = self.volumes.get(volume) {
+                    let bs = u64::from(vol.meta.block_size_bytes);
+                    let (first, last) = (offset / bs, (offset + length).div_ceil(bs));
+                    // Zero versions only where the block may hold data: blocks with history, and
+                    // allocated blocks of the base. Untouched holes already read as zeroes.
+                    let mut blocks: BTreeSet<u64> = self.index.get(volume).map(|i| i.range(first..last).map(|(b, _)| b).collect()).unwrap_or_default();
+                    let ranges = vol.base.data_ranges(first * bs, (last - first) * bs).map_err(io_err("query base image", &*self.storage, &base_name(*volume)))?;
+                    for (s, e) in ranges {
+                        blocks.extend(s / bs..e.div_ceil(bs));
+                    }
+                    let mut version = Version::zero(record.seq);
+                    if *mode == ZeroMode::Allocate {
+                        version.crc = ZERO_ALLOCATED;
+                    }
+                    let index = self.index.entry(*volume).or_default();
+                    for b in blocks {
+                        index.push(b, version);
+                    }
+                }
+            }
+            RecordBody::Control(control) => match control {
+                Control::VolumeCreated { volume, name, size_bytes, block_size_bytes } => {
+                    let meta = VolumeMeta { id: *volume, name: name.clone(), size_bytes: *size_bytes, block_size_bytes: *block_size_bytes };
+                    self.add_volume(meta)?;
+                }
+                Control::VolumeResized { volume, size_bytes } => {
+                    if let Some(v) = self.volumes.get_mut(volume) {
+                        v.meta.size_bytes = v.meta.size_bytes.max(*size_bytes);
+                        let size = v.meta.size_bytes;
+                        let base = v.base.clone();
+                        if base.len().unwrap_or(0) < size {
+                            base.set_len(size).map_err(io_err("grow base image", &*self.storage, &base_name(*volume)))?;
+                        }
+                    }
+                }
+                Control::VolumeDeleted { volume } => {
+                    self.volumes.remove(volume);
+                    self.index.remove(volume);
+                    let _ = self.storage.remove(&base_name(*volume));
+                }
+                Control::Bookmark { name } => {
+                    self.bookmarks.push(BookmarkEntry { name: name.clone(), seq: record.seq, time: record.time });
+                }
+                Control::RollbackBegin { target } => {
+                    self.rollbacks.push(RollbackEntry { target: *target, begin: record.seq, end: None, bytes_rewritten: 0 });
+                }
+                Control::RollbackEnd { begin, .. } => {
+                    if let Some(r) = self.rollbacks.iter_mut().rev().find(|r| r.begin == *begin) {
+                        r.end = Some(record.seq);
+                    }
+                }
+            },
+        }
+        self.note_record(record.seq, record.time);
+        Ok(())
+    }
+
+    fn apply_write(&mut self, seq: Seq, time: UnixNanos, volume: VolumeId, offset: u64, location: Location, crcs: &[u32]) {
+        if let Some(vol) = self.volumes.get(&volume) {
+            let bs = u64::from(vol.meta.block_size_bytes);
+            let first = offset / bs;
+            let data_start = location.offset + HEADER_BYTES as u64;
+            let index = self.index.entry(volume).or_default();
+            for (i, &crc) in crcs.iter().enumerate() {
+                let i = i as u64;
+                index.push(first + i, Version::data(seq, location.segment, data_start + i * bs, crc));
+            }
+        }
+        self.note_record(seq, time);
+    }
+
+    fn note_record(&mut self, seq: Seq, time: UnixNanos) {
+        if self.times.is_empty() {
+            self.times_first_seq = seq;
+        }
+        debug_assert_eq!(self.times_first_seq.0 + self.times.len() as u64, seq.0, "records must be applied in seq order");
+        self.times.push_back(time.0);
+        self.records_since_checkpoint += 1;
+    }
+
+    fn time_of(&self, seq: Seq) -> UnixNanos {
+        if seq <= self.control.horizon && seq.0 < self.times_first_seq.0 {
+            return self.control.horizon_time;
+        }
+        let i = seq.0.checked_sub(self.times_first_seq.0);
+        i.and_then(|i| self.times.get(i as usize)).map_or(self.control.horizon_time, |&t| UnixNanos(t))
+    }
+
+    fn point_info(&self, seq: Seq) -> PointInfo {
+        PointInfo { seq: seq.0, time: self.time_of(seq).rfc3339() }
+    }
+
+    fn resolve(&self, point: &Point, now: UnixNanos, group: &str) -> Result<Seq> {
+        let oldest = self.control.horizon;
+        let newest = self.journal.last_seq();
+        let out_of_range = || EngineError::PointOutOfRange {
+            group: group.into(),
+            point: point.to_string(),
+            oldest: self.time_of(oldest).rfc3339(),
+            oldest_seq: oldest.0,
+            newest: self.time_of(newest).rfc3339(),
+            newest_seq: newest.0,
+        };
+        let by_time = |t: UnixNanos| -> Result<Seq> {
+            if t < self.time_of(oldest) {
+                return Err(out_of_range());
+            }
+            // Times are non-decreasing: the last record with time <= t.
+            let n = self.times.partition_point(|&x| x <= t.0);
+            Ok(if n == 0 { oldest } else { Seq(self.times_first_seq.0 + n as u64 - 1).max(oldest) })
+        };
+        let seq = match point {
+            Point::Latest => newest,
+            Point::Seq(s) => *s,
+            Point::Bookmark(name) => self
+                .bookmarks
+                .iter()
+                .find(|b| &b.name == name)
+                .map(|b| b.seq)
+                .ok_or_else(|| EngineError::NotFound { kind: "bookmark", name: name.clone() })?,
+            Point::Time(t) => by_time(*t)?,
+            Point::Ago(d) => by_time(UnixNanos(now.0.saturating_sub(d.as_nanos().min(u128::from(u64::MAX)) as u64)))?,
+        };
+        if seq < oldest || seq > newest {
+            return Err(out_of_range());
+        }
+        Ok(seq)
+    }
+
+    /// Plan a block-aligned read: which bytes come from the journal, the base, or are zero.
+    fn plan_read(&self, volume: VolumeId, offset: u64, len: u64, at: Option<Seq>, group: &str) -> Result<Vec<Piece>> {
+        let vol = self.volume(volume, group)?;
+        let bs = u64::from(vol.meta.block_size_bytes);
+        let index = self.index.get(&volume);
+        let mut pieces: Vec<Piece> = Vec::new();
+        for block in offset / bs..(offset + len) / bs {
+            let version = index.and_then(|i| i.get(block)).and_then(|v| v.at(at));
+            match version {
+                Some(v) => match v.location() {
+                    Some(loc) => {
+                        if let Some(Piece::Journal { offset: o, crcs, segment, .. }) = pieces.last_mut() {
+                            if *segment == loc.segment && *o + crcs.len() as u64 * bs == loc.offset {
+                                crcs.push(v.crc);
+                                continue;
+                            }
+                        }
+                        let file = self.journal.segment_file(loc.segment).ok_or_else(|| EngineError::Failed {
+                            group: group.into(),
+                            reason: format!("journal segment {} is missing", loc.segment),
+                        })?;
+                        pieces.push(Piece::Journal {
+                            file,
+                            segment: loc.segment,
+                            offset: loc.offset,
+                            block_bytes: bs as usize,
+                            crcs: vec![v.crc],
+                        });
+                    }
+                    None => push_zero(&mut pieces, bs as usize),
+                },
+                None => {
+                    if let Some(Piece::Base { offset: o, len, .. }) = pieces.last_mut() {
+                        if *o + *len as u64 == block * bs {
+                            *len += bs as usize;
+                            continue;
+                        }
+                    }
+                    pieces.push(Piece::Base { file: vol.base.clone(), offset: block * bs, len: bs as usize });
+                }
+            }
+        }
+        Ok(pieces)
+    }
+
+    /// Read with the lock held (read-modify-write, rollback).
+    fn read_into(&self, volume: VolumeId, offset: u64, buf: &mut [u8], at: Option<Seq>, group: &str) -> Result<()> {
+        let pieces = self.plan_read(volume, offset, buf.len() as u64, at, group)?;
+        execute_read(&pieces, buf, &*self.storage, group)
+    }
+
+    fn snapshot(&self) -> Checkpoint {
+        Checkpoint {
+            resume: self.journal.resume_point(),
+            horizon: self.control.horizon,
+            volumes: self.volumes.values().map(|v| v.meta.clone()).collect(),
+            bookmarks: self.bookmarks.clone(),
+            rollbacks: self.rollbacks.clone(),
+            times_first_seq: self.times_first_seq,
+            times: self.times.iter().copied().collect(),
+            index: self
+                .index
+                .iter()
+                .map(|(id, idx)| (*id, idx.iter().map(|(b, v)| (b, v.clone())).collect()))
+                .collect(),
+        }
+    }
+}
+
+fn push_zero(pieces: &mut Vec<Piece>, len: usize) {
+    if let Some(Piece::Zero { len: l }) = pieces.last_mut() {
+        *l += len;
+    } else {
+        pieces.push(Piece::Zero { len });
+    }
+}
