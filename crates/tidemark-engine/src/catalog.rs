@@ -57,8 +57,11 @@ pub struct SledCatalog {
 impl SledCatalog {
     /// Open (or create) the database at `path`.
     pub fn open(path: &std::path::Path) -> Result<SledCatalog> {
-        let db = sled::open(path).map_err(|e| EngineError::Catalog(format!("open {}: {e}", path.display())))?;
-        let tree = |name: &str| db.open_tree(name).map_err(|e| EngineError::Catalog(format!("open tree {name}: {e}")));
+        let db =
+            sled::open(path).map_err(|e| EngineError::Catalog(format!("open {}: {e}", path.display())))?;
+        let tree = |name: &str| {
+            db.open_tree(name).map_err(|e| EngineError::Catalog(format!("open tree {name}: {e}")))
+        };
         Ok(SledCatalog { groups: tree("groups")?, images: tree("images")?, db })
     }
 
@@ -67,7 +70,10 @@ impl SledCatalog {
             .map(|kv| {
                 let (k, v) = kv.map_err(|e| EngineError::Catalog(e.to_string()))?;
                 postcard::from_bytes(&v).map_err(|e| {
-                    EngineError::Catalog(format!("{what} entry {:?} is undecodable: {e}", String::from_utf8_lossy(&k)))
+                    EngineError::Catalog(format!(
+                        "{what} entry {:?} is undecodable: {e}",
+                        String::from_utf8_lossy(&k)
+                    ))
                 })
             })
             .collect()

@@ -13,10 +13,11 @@ use parking_lot::{Mutex, RwLock};
 use tidemark_journal::record::HEADER_BYTES;
 use tidemark_journal::storage::{Storage, StorageFile};
 use tidemark_journal::{
-    genesis_chain, Control, Generation, Journal, JournalConfig, JournalError, Location, Record, RecordBody, Seq,
-    UnixNanos, VolumeId, ZeroMode,
+    genesis_chain, Control, Generation, Journal, JournalConfig, JournalError, Location, Record, RecordBody,
+    Seq, UnixNanos, VolumeId, ZeroMode,
 };
 
+use crate::base::BaseImage;
 use crate::error::{EngineError, Result};
 use crate::events::{EngineEvent, EventSink};
 use crate::index::{Version, VolumeIndex};
@@ -51,7 +52,7 @@ pub enum Health {
 enum Piece {
     Zero { len: usize },
     Journal { file: Arc<dyn StorageFile>, segment: u64, offset: u64, block_bytes: usize, crcs: Vec<u32> },
-    Base { file: Arc<dyn StorageFile>, offset: u64, len: usize },
+    Base { base: Arc<BaseImage>, offset: u64, len: usize },
 }
 
 /// A volume as the group holds it.
@@ -59,7 +60,7 @@ pub struct VolumeState {
     /// Its description.
     pub meta: VolumeMeta,
     /// Its base image (the state at the horizon).
-    pub base: Arc<dyn StorageFile>,
+    pub base: Arc<BaseImage>,
 }
 
 /// Everything behind the group lock.
@@ -92,17 +93,21 @@ pub struct Group {
     clock: Arc<dyn Clock>,
     events: Arc<dyn EventSink>,
     storage: Arc<dyn Storage>,
+    /// Journal records replayed when the group was opened (after its checkpoint).
+    pub records_replayed: u64,
 }
 
 fn journal_config(options: &GroupOptions) -> JournalConfig {
-    JournalConfig { segment_bytes_max: (options.journal_max_bytes / 8).clamp(SEGMENT_BYTES_MIN, SEGMENT_BYTES_MAX) }
+    JournalConfig {
+        segment_bytes_max: (options.journal_max_bytes / 8).clamp(SEGMENT_BYTES_MIN, SEGMENT_BYTES_MAX),
+    }
 }
 
-fn base_name(volume: VolumeId) -> String {
-    format!("base-{:08x}.img", volume.0)
-}
-
-fn io_err(action: &'static str, storage: &dyn Storage, name: &str) -> impl FnOnce(std::io::Error) -> EngineError {
+fn io_err(
+    action: &'static str,
+    storage: &dyn Storage,
+    name: &str,
+) -> impl FnOnce(std::io::Error) -> EngineError {
     let path = storage.describe(name);
     move |source| EngineError::Io { action, path, source }
 }
@@ -126,9 +131,13 @@ impl Group {
             role: Role::Primary,
             generation: 1,
         };
-        write_framed(&*storage, CONTROL_FILE, CONTROL_MAGIC, &control)
-            .map_err(io_err("write control file", &*storage, CONTROL_FILE))?;
-        let journal = Journal::create(storage.clone(), id, journal_config(&options), Seq(1), genesis_chain(id))?;
+        write_framed(&*storage, CONTROL_FILE, CONTROL_MAGIC, &control).map_err(io_err(
+            "write control file",
+            &*storage,
+            CONTROL_FILE,
+        ))?;
+        let journal =
+            Journal::create(storage.clone(), id, journal_config(&options), Seq(1), genesis_chain(id))?;
         let state = GroupState {
             journal,
             control,
@@ -172,11 +181,14 @@ impl Group {
             }
         };
         let segment_exists = |location: Location| {
-            storage.open_existing(&tidemark_journal::journal::segment_name(location.segment)).ok().flatten().is_some()
+            storage
+                .open_existing(&tidemark_journal::journal::segment_name(location.segment))
+                .ok()
+                .flatten()
+                .is_some()
         };
-        let checkpoint = checkpoint.filter(|c| {
-            c.resume.next_seq.0 > control.base_applied.0 && segment_exists(c.resume.location)
-        });
+        let checkpoint = checkpoint
+            .filter(|c| c.resume.next_seq.0 > control.base_applied.0 && segment_exists(c.resume.location));
         let mut state = GroupState {
             // Replaced below once the journal is open; a placeholder needs a journal, so the
             // state is built from parts instead.
@@ -200,7 +212,7 @@ impl Group {
         let resume = match &checkpoint {
             Some(c) => {
                 for meta in &c.volumes {
-                    state.add_volume(meta.clone())?;
+                    state.add_volume(meta.clone());
                 }
                 for (volume, blocks) in &c.index {
                     state.index.insert(*volume, VolumeIndex::from_pairs(blocks.iter().cloned()));
@@ -213,7 +225,7 @@ impl Group {
             }
             None => {
                 for meta in &control.volumes {
-                    state.add_volume(meta.clone())?;
+                    state.add_volume(meta.clone());
                 }
                 None
             }
@@ -238,7 +250,8 @@ impl Group {
             index.take_through(blocks, applied);
         }
         state.bookmarks.retain(|b| b.seq > state.control.horizon);
-        let group = Group::assemble(name, id, options, state, clock, events, storage);
+        let mut group = Group::assemble(name, id, options, state, clock, events, storage);
+        group.records_replayed = report.records_scanned;
         {
             let mut st = group.state.lock();
             if st.control.base_applied < st.control.horizon {
@@ -276,6 +289,7 @@ impl Group {
             clock,
             events,
             storage,
+            records_replayed: 0,
         }
     }
 
@@ -287,7 +301,9 @@ impl Group {
     fn check_writable(&self) -> Result<()> {
         match &*self.health.read() {
             Health::Ok => Ok(()),
-            Health::Poisoned(reason) => Err(EngineError::Poisoned { group: self.name.clone(), reason: reason.clone() }),
+            Health::Poisoned(reason) => {
+                Err(EngineError::Poisoned { group: self.name.clone(), reason: reason.clone() })
+            }
         }
     }
 
@@ -296,7 +312,8 @@ impl Group {
         let mut health = self.health.write();
         if *health == Health::Ok {
             *health = Health::Poisoned(reason.clone());
-            self.events.event(EngineEvent::GroupPoisoned { group: self.name.clone(), reason: reason.clone() });
+            self.events
+                .event(EngineEvent::GroupPoisoned { group: self.name.clone(), reason: reason.clone() });
         }
         EngineError::Poisoned { group: self.name.clone(), reason }
     }
@@ -358,7 +375,13 @@ impl Group {
         self.append_aligned(&mut st, &meta, start, &buf)
     }
 
-    fn append_aligned(&self, st: &mut GroupState, meta: &VolumeMeta, offset: u64, data: &[u8]) -> Result<Seq> {
+    fn append_aligned(
+        &self,
+        st: &mut GroupState,
+        meta: &VolumeMeta,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<Seq> {
         let mut last = st.journal.last_seq();
         let bs = meta.block_size_bytes as usize;
         let chunk = RECORD_DATA_BYTES_MAX / bs * bs;
@@ -431,10 +454,17 @@ impl Group {
             }
             st.plan_read(volume, offset, buf.len() as u64, at, &self.name)?
         };
-        execute_read(&pieces, buf, &*self.storage, &self.name)
+        execute_read(&pieces, buf, &self.name)
     }
 
-    fn read_unaligned(&self, volume: VolumeId, bs: u64, offset: u64, buf: &mut [u8], at: Option<Seq>) -> Result<()> {
+    fn read_unaligned(
+        &self,
+        volume: VolumeId,
+        bs: u64,
+        offset: u64,
+        buf: &mut [u8],
+        at: Option<Seq>,
+    ) -> Result<()> {
         let start = offset / bs * bs;
         let end = (offset + buf.len() as u64).div_ceil(bs) * bs;
         let mut tmp = vec![0u8; (end - start) as usize];
@@ -520,7 +550,12 @@ impl Group {
         self.run_rollback(target, None, progress)
     }
 
-    fn run_rollback(&self, target: Seq, resume: Option<Seq>, progress: &dyn Fn(Progress)) -> Result<RollbackEntry> {
+    fn run_rollback(
+        &self,
+        target: Seq,
+        resume: Option<Seq>,
+        progress: &dyn Fn(Progress),
+    ) -> Result<RollbackEntry> {
         let mut st = self.state.lock();
         let begin = match resume {
             Some(begin) => begin,
@@ -539,7 +574,9 @@ impl Group {
                     continue;
                 }
                 run = match run {
-                    Some((s, e)) if e == block && (e - s + 1) * bs <= ROLLBACK_CHUNK_BYTES => Some((s, block + 1)),
+                    Some((s, e)) if e == block && (e - s + 1) * bs <= ROLLBACK_CHUNK_BYTES => {
+                        Some((s, block + 1))
+                    }
                     Some((s, e)) => {
                         plan.push((vol.meta.clone(), s, e));
                         total += (e - s) * bs;
@@ -560,8 +597,12 @@ impl Group {
             let mut buf = vec![0u8; ((end - start) * bs) as usize];
             st.read_into(meta.id, start * bs, &mut buf, Some(target), &self.name)?;
             if buf.iter().all(|&b| b == 0) {
-                let body =
-                    RecordBody::Zero { volume: meta.id, offset: start * bs, length: (end - start) * bs, mode: ZeroMode::Punch };
+                let body = RecordBody::Zero {
+                    volume: meta.id,
+                    offset: start * bs,
+                    length: (end - start) * bs,
+                    mode: ZeroMode::Punch,
+                };
                 self.append(&mut st, &body)?;
             } else {
                 self.append_aligned(&mut st, &meta, start * bs, &buf)?;
@@ -573,7 +614,11 @@ impl Group {
             progress(Progress { done_bytes: done, total_bytes: total });
         }
         let end_seq = self.append(&mut st, &RecordBody::Control(Control::RollbackEnd { target, begin }))?;
-        let entry = st.rollbacks.last().cloned().ok_or_else(|| EngineError::InvalidArgument("rollback lost".into()))?;
+        let entry = st
+            .rollbacks
+            .last()
+            .cloned()
+            .ok_or_else(|| EngineError::InvalidArgument("rollback lost".into()))?;
         drop(st);
         self.sync_through(end_seq)?;
         Ok(entry)
@@ -628,7 +673,12 @@ impl Group {
     /// Move the state at `horizon` into the base images and forget older history. Crash-safe:
     /// the raised horizon is durable before any base block changes, and the old segments are
     /// removed only after the base is synced and `base_applied` is durable.
-    fn apply_to_base(&self, st: &mut GroupState, horizon: Seq, remove_before_segment: Option<u64>) -> Result<()> {
+    fn apply_to_base(
+        &self,
+        st: &mut GroupState,
+        horizon: Seq,
+        remove_before_segment: Option<u64>,
+    ) -> Result<()> {
         st.control.horizon = horizon;
         st.control.horizon_time = st.time_of(horizon);
         st.control.volumes = st.volumes.values().map(|v| v.meta.clone()).collect();
@@ -637,32 +687,39 @@ impl Group {
         let ids: Vec<VolumeId> = st.index.keys().copied().collect();
         for id in ids {
             let Some(index) = st.index.get_mut(&id) else { continue };
-            let blocks: Vec<u64> = index.iter().filter(|(_, v)| v.iter().next().is_some_and(|o| o.seq <= horizon.0)).map(|(b, _)| b).collect();
+            let blocks: Vec<u64> = index
+                .iter()
+                .filter(|(_, v)| v.iter().next().is_some_and(|o| o.seq <= horizon.0))
+                .map(|(b, _)| b)
+                .collect();
             let moved = index.take_through(blocks, horizon);
             let Some(vol) = st.volumes.get(&id) else { continue };
             let bs = u64::from(vol.meta.block_size_bytes);
             let base = vol.base.clone();
-            let base_name = base_name(id);
+            let base_err = |offset: u64| {
+                let path = base.describe(offset);
+                move |source| EngineError::Io { action: "update base image", path, source }
+            };
             let mut buf = vec![0u8; bs as usize];
             for (block, version) in moved {
                 let offset = block * bs;
                 match version.location() {
                     Some(loc) => {
                         read_journal_block(&st.journal, loc, version.crc, &mut buf, &self.name)?;
-                        base.write_all_at(&buf, offset).map_err(io_err("write base image", &*self.storage, &base_name))?;
+                        base.write(offset, &buf).map_err(base_err(offset))?;
                     }
                     None if version.crc == ZERO_ALLOCATED => {
                         buf.fill(0);
-                        base.write_all_at(&buf, offset).map_err(io_err("write base image", &*self.storage, &base_name))?;
+                        base.write(offset, &buf).map_err(base_err(offset))?;
                     }
-                    None => base.punch_hole(offset, bs).map_err(io_err("punch base image", &*self.storage, &base_name))?,
+                    None => base.punch(offset, bs).map_err(base_err(offset))?,
                 }
             }
             touched.insert(id);
         }
         for id in touched {
             if let Some(vol) = st.volumes.get(&id) {
-                vol.base.sync_data().map_err(|e| self.poison(format!("fdatasync of a base image failed: {e}")))?;
+                vol.base.sync().map_err(|e| self.poison(format!("fdatasync of a base image failed: {e}")))?;
             }
         }
         st.control.base_applied = horizon;
@@ -696,8 +753,11 @@ impl Group {
         if let Some(ticket) = ticket {
             self.sync_through(ticket.upto)?;
         }
-        write_framed(&*self.storage, CHECKPOINT_FILE, CHECKPOINT_MAGIC, &checkpoint)
-            .map_err(io_err("write checkpoint", &*self.storage, CHECKPOINT_FILE))?;
+        write_framed(&*self.storage, CHECKPOINT_FILE, CHECKPOINT_MAGIC, &checkpoint).map_err(io_err(
+            "write checkpoint",
+            &*self.storage,
+            CHECKPOINT_FILE,
+        ))?;
         Ok(true)
     }
 
@@ -707,7 +767,13 @@ impl Group {
     }
 
     /// Allocation of `[offset, offset+length)` at `at`: runs of (length, allocated, zero).
-    pub fn allocation(&self, volume: VolumeId, offset: u64, length: u64, at: Option<Seq>) -> Result<Vec<(u64, bool, bool)>> {
+    pub fn allocation(
+        &self,
+        volume: VolumeId,
+        offset: u64,
+        length: u64,
+        at: Option<Seq>,
+    ) -> Result<Vec<(u64, bool, bool)>> {
         let st = self.state.lock();
         let vol = st.volume(volume, &self.name)?;
         check_range(&vol.meta, offset, length)?;
@@ -715,20 +781,32 @@ impl Group {
         let end = offset + length;
         let first = offset / bs;
         let last = end.div_ceil(bs);
-        let base_ranges = vol.base.data_ranges(first * bs, (last - first) * bs).map_err(io_err("query base image", &*self.storage, &base_name(volume)))?;
+        let base_ranges = vol.base.data_ranges(first * bs, (last - first) * bs).map_err(|source| {
+            EngineError::Io { action: "query base image", path: vol.base.describe(first * bs), source }
+        })?;
         // Per block state from the index where it has a version, else from the base.
         let mut overrides: BTreeMap<u64, (bool, bool)> = BTreeMap::new();
         if let Some(index) = st.index.get(&volume) {
             for (block, versions) in index.range(first..last) {
                 if let Some(v) = versions.at(at) {
-                    let state = if !v.is_zero() { (true, false) } else if v.crc == ZERO_ALLOCATED { (true, true) } else { (false, true) };
+                    let state = if !v.is_zero() {
+                        (true, false)
+                    } else if v.crc == ZERO_ALLOCATED {
+                        (true, true)
+                    } else {
+                        (false, true)
+                    };
                     overrides.insert(block, state);
                 }
             }
         }
         let base_state = |block: u64| -> (bool, bool) {
             let pos = block * bs;
-            if base_ranges.iter().any(|&(s, e)| pos < e && pos + bs > s) { (true, false) } else { (false, true) }
+            if base_ranges.iter().any(|&(s, e)| pos < e && pos + bs > s) {
+                (true, false)
+            } else {
+                (false, true)
+            }
         };
         let mut runs: Vec<(u64, bool, bool)> = Vec::new();
         let mut push = |len: u64, state: (bool, bool)| match runs.last_mut() {
@@ -812,13 +890,16 @@ fn read_journal_block(journal: &Journal, loc: Location, crc: u32, buf: &mut [u8]
     if crc32c::crc32c(buf) != crc {
         return Err(EngineError::Failed {
             group: group.into(),
-            reason: format!("block checksum mismatch in journal segment {} at offset {}", loc.segment, loc.offset),
+            reason: format!(
+                "block checksum mismatch in journal segment {} at offset {}",
+                loc.segment, loc.offset
+            ),
         });
     }
     Ok(())
 }
 
-fn execute_read(pieces: &[Piece], buf: &mut [u8], storage: &dyn Storage, group: &str) -> Result<()> {
+fn execute_read(pieces: &[Piece], buf: &mut [u8], group: &str) -> Result<()> {
     let mut pos = 0usize;
     for piece in pieces {
         match piece {
@@ -828,16 +909,15 @@ fn execute_read(pieces: &[Piece], buf: &mut [u8], storage: &dyn Storage, group: 
                 }
                 pos += len;
             }
-            Piece::Base { file, offset, len } => {
-                let dst = buf.get_mut(pos..pos + len).ok_or_else(|| EngineError::InvalidArgument("read plan overflow".into()))?;
-                // The base is sparse and may be shorter than the volume: past its end is zeroes.
-                let flen = file.len().map_err(io_err("stat base image", storage, "base"))?;
-                let avail = flen.saturating_sub(*offset).min(*len as u64) as usize;
-                let (head, tail) = dst.split_at_mut(avail);
-                if !head.is_empty() {
-                    file.read_exact_at(head, *offset).map_err(io_err("read base image", storage, "base"))?;
-                }
-                tail.fill(0);
+            Piece::Base { base, offset, len } => {
+                let dst = buf
+                    .get_mut(pos..pos + len)
+                    .ok_or_else(|| EngineError::InvalidArgument("read plan overflow".into()))?;
+                base.read(*offset, dst).map_err(|source| EngineError::Io {
+                    action: "read base image",
+                    path: base.describe(*offset),
+                    source,
+                })?;
                 pos += len;
             }
             Piece::Journal { file, segment, offset, block_bytes, crcs } => {
@@ -869,7 +949,9 @@ fn execute_read(pieces: &[Piece], buf: &mut [u8], storage: &dyn Storage, group: 
 
 impl GroupState {
     fn volume(&self, id: VolumeId, group: &str) -> Result<&VolumeState> {
-        self.volumes.get(&id).ok_or_else(|| EngineError::NotFound { kind: "volume", name: format!("{group}/{}", id.0) })
+        self.volumes
+            .get(&id)
+            .ok_or_else(|| EngineError::NotFound { kind: "volume", name: format!("{group}/{}", id.0) })
     }
 
     /// Volume id by name.
@@ -886,22 +968,24 @@ impl GroupState {
     pub fn next_volume_id(&self) -> VolumeId {
         let max_known = self.volumes.keys().next_back().map_or(0, |v| v.0);
         let max_index = self.index.keys().map(|v| v.0).max().unwrap_or(0);
-        VolumeId(max_known.max(max_index).max(self.control.volumes.iter().map(|v| v.id.0).max().unwrap_or(0)) + 1)
+        VolumeId(
+            max_known.max(max_index).max(self.control.volumes.iter().map(|v| v.id.0).max().unwrap_or(0)) + 1,
+        )
     }
 
-    fn add_volume(&mut self, meta: VolumeMeta) -> Result<()> {
-        let name = base_name(meta.id);
-        let base = self.storage.open(&name).map_err(io_err("open base image", &*self.storage, &name))?;
-        if base.len().map_err(io_err("stat base image", &*self.storage, &name))? < meta.size_bytes {
-            base.set_len(meta.size_bytes).map_err(io_err("size base image", &*self.storage, &name))?;
-        }
+    /// Add a volume. Touches no file (chunks are created on first write), so applying a
+    /// journaled volume creation cannot fail after the record was appended.
+    fn add_volume(&mut self, meta: VolumeMeta) {
+        let base = Arc::new(BaseImage::new(self.storage.clone(), meta.id));
         self.volumes.insert(meta.id, VolumeState { meta, base });
-        Ok(())
     }
 
     fn write_control(&self) -> Result<()> {
-        write_framed(&*self.storage, CONTROL_FILE, CONTROL_MAGIC, &self.control)
-            .map_err(io_err("write control file", &*self.storage, CONTROL_FILE))
+        write_framed(&*self.storage, CONTROL_FILE, CONTROL_MAGIC, &self.control).map_err(io_err(
+            "write control file",
+            &*self.storage,
+            CONTROL_FILE,
+        ))
     }
 
     /// Apply one record to the in-memory state. The single path for live appends and replay.
@@ -919,8 +1003,18 @@ impl GroupState {
                     let (first, last) = (offset / bs, (offset + length).div_ceil(bs));
                     // Zero versions only where the block may hold data: blocks with history, and
                     // allocated blocks of the base. Untouched holes already read as zeroes.
-                    let mut blocks: BTreeSet<u64> = self.index.get(volume).map(|i| i.range(first..last).map(|(b, _)| b).collect()).unwrap_or_default();
-                    let ranges = vol.base.data_ranges(first * bs, (last - first) * bs).map_err(io_err("query base image", &*self.storage, &base_name(*volume)))?;
+                    let mut blocks: BTreeSet<u64> = self
+                        .index
+                        .get(volume)
+                        .map(|i| i.range(first..last).map(|(b, _)| b).collect())
+                        .unwrap_or_default();
+                    let ranges = vol.base.data_ranges(first * bs, (last - first) * bs).map_err(|source| {
+                        EngineError::Io {
+                            action: "query base image",
+                            path: vol.base.describe(first * bs),
+                            source,
+                        }
+                    })?;
                     for (s, e) in ranges {
                         blocks.extend(s / bs..e.div_ceil(bs));
                     }
@@ -936,29 +1030,43 @@ impl GroupState {
             }
             RecordBody::Control(control) => match control {
                 Control::VolumeCreated { volume, name, size_bytes, block_size_bytes } => {
-                    let meta = VolumeMeta { id: *volume, name: name.clone(), size_bytes: *size_bytes, block_size_bytes: *block_size_bytes };
-                    self.add_volume(meta)?;
+                    let meta = VolumeMeta {
+                        id: *volume,
+                        name: name.clone(),
+                        size_bytes: *size_bytes,
+                        block_size_bytes: *block_size_bytes,
+                    };
+                    self.add_volume(meta);
                 }
                 Control::VolumeResized { volume, size_bytes } => {
                     if let Some(v) = self.volumes.get_mut(volume) {
                         v.meta.size_bytes = v.meta.size_bytes.max(*size_bytes);
-                        let size = v.meta.size_bytes;
-                        let base = v.base.clone();
-                        if base.len().unwrap_or(0) < size {
-                            base.set_len(size).map_err(io_err("grow base image", &*self.storage, &base_name(*volume)))?;
-                        }
                     }
                 }
                 Control::VolumeDeleted { volume } => {
-                    self.volumes.remove(volume);
                     self.index.remove(volume);
-                    let _ = self.storage.remove(&base_name(*volume));
+                    if let Some(v) = self.volumes.remove(volume) {
+                        // The record is durable; a leftover chunk file is harmless (a new volume
+                        // gets a new id) and is retried at the next deletion of this id.
+                        if let Err(e) = v.base.remove() {
+                            tracing::warn!(volume = %v.meta.name, error = %e, "removing a deleted volume's base image failed");
+                        }
+                    }
                 }
                 Control::Bookmark { name } => {
-                    self.bookmarks.push(BookmarkEntry { name: name.clone(), seq: record.seq, time: record.time });
+                    self.bookmarks.push(BookmarkEntry {
+                        name: name.clone(),
+                        seq: record.seq,
+                        time: record.time,
+                    });
                 }
                 Control::RollbackBegin { target } => {
-                    self.rollbacks.push(RollbackEntry { target: *target, begin: record.seq, end: None, bytes_rewritten: 0 });
+                    self.rollbacks.push(RollbackEntry {
+                        target: *target,
+                        begin: record.seq,
+                        end: None,
+                        bytes_rewritten: 0,
+                    });
                 }
                 Control::RollbackEnd { begin, .. } => {
                     if let Some(r) = self.rollbacks.iter_mut().rev().find(|r| r.begin == *begin) {
@@ -971,7 +1079,15 @@ impl GroupState {
         Ok(())
     }
 
-    fn apply_write(&mut self, seq: Seq, time: UnixNanos, volume: VolumeId, offset: u64, location: Location, crcs: &[u32]) {
+    fn apply_write(
+        &mut self,
+        seq: Seq,
+        time: UnixNanos,
+        volume: VolumeId,
+        offset: u64,
+        location: Location,
+        crcs: &[u32],
+    ) {
         if let Some(vol) = self.volumes.get(&volume) {
             let bs = u64::from(vol.meta.block_size_bytes);
             let first = offset / bs;
@@ -989,7 +1105,11 @@ impl GroupState {
         if self.times.is_empty() {
             self.times_first_seq = seq;
         }
-        debug_assert_eq!(self.times_first_seq.0 + self.times.len() as u64, seq.0, "records must be applied in seq order");
+        debug_assert_eq!(
+            self.times_first_seq.0 + self.times.len() as u64,
+            seq.0,
+            "records must be applied in seq order"
+        );
         self.times.push_back(time.0);
         self.records_since_checkpoint += 1;
     }
@@ -1035,7 +1155,9 @@ impl GroupState {
                 .map(|b| b.seq)
                 .ok_or_else(|| EngineError::NotFound { kind: "bookmark", name: name.clone() })?,
             Point::Time(t) => by_time(*t)?,
-            Point::Ago(d) => by_time(UnixNanos(now.0.saturating_sub(d.as_nanos().min(u128::from(u64::MAX)) as u64)))?,
+            Point::Ago(d) => {
+                by_time(UnixNanos(now.0.saturating_sub(d.as_nanos().min(u128::from(u64::MAX)) as u64)))?
+            }
         };
         if seq < oldest || seq > newest {
             return Err(out_of_range());
@@ -1044,7 +1166,14 @@ impl GroupState {
     }
 
     /// Plan a block-aligned read: which bytes come from the journal, the base, or are zero.
-    fn plan_read(&self, volume: VolumeId, offset: u64, len: u64, at: Option<Seq>, group: &str) -> Result<Vec<Piece>> {
+    fn plan_read(
+        &self,
+        volume: VolumeId,
+        offset: u64,
+        len: u64,
+        at: Option<Seq>,
+        group: &str,
+    ) -> Result<Vec<Piece>> {
         let vol = self.volume(volume, group)?;
         let bs = u64::from(vol.meta.block_size_bytes);
         let index = self.index.get(&volume);
@@ -1060,10 +1189,11 @@ impl GroupState {
                                 continue;
                             }
                         }
-                        let file = self.journal.segment_file(loc.segment).ok_or_else(|| EngineError::Failed {
-                            group: group.into(),
-                            reason: format!("journal segment {} is missing", loc.segment),
-                        })?;
+                        let file =
+                            self.journal.segment_file(loc.segment).ok_or_else(|| EngineError::Failed {
+                                group: group.into(),
+                                reason: format!("journal segment {} is missing", loc.segment),
+                            })?;
                         pieces.push(Piece::Journal {
                             file,
                             segment: loc.segment,
@@ -1081,7 +1211,7 @@ impl GroupState {
                             continue;
                         }
                     }
-                    pieces.push(Piece::Base { file: vol.base.clone(), offset: block * bs, len: bs as usize });
+                    pieces.push(Piece::Base { base: vol.base.clone(), offset: block * bs, len: bs as usize });
                 }
             }
         }
@@ -1089,9 +1219,16 @@ impl GroupState {
     }
 
     /// Read with the lock held (read-modify-write, rollback).
-    fn read_into(&self, volume: VolumeId, offset: u64, buf: &mut [u8], at: Option<Seq>, group: &str) -> Result<()> {
+    fn read_into(
+        &self,
+        volume: VolumeId,
+        offset: u64,
+        buf: &mut [u8],
+        at: Option<Seq>,
+        group: &str,
+    ) -> Result<()> {
         let pieces = self.plan_read(volume, offset, buf.len() as u64, at, group)?;
-        execute_read(&pieces, buf, &*self.storage, group)
+        execute_read(&pieces, buf, group)
     }
 
     fn snapshot(&self) -> Checkpoint {

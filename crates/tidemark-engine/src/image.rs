@@ -31,13 +31,8 @@ impl RangeSet {
         if start >= end {
             return;
         }
-        let overlapping: Vec<(u64, u64)> = self
-            .0
-            .range(..=end)
-            .rev()
-            .take_while(|(_, &e)| e >= start)
-            .map(|(&s, &e)| (s, e))
-            .collect();
+        let overlapping: Vec<(u64, u64)> =
+            self.0.range(..=end).rev().take_while(|(_, &e)| e >= start).map(|(&s, &e)| (s, e)).collect();
         for (s, e) in overlapping {
             self.0.remove(&s);
             start = start.min(s);
@@ -97,9 +92,16 @@ impl Image {
         if let (ImageMode::Writable, Some(st)) = (record.mode, &storage) {
             for meta in group.volumes() {
                 let (data, ranges) = overlay_names(meta.id);
-                let file = st.open(&data).map_err(|source| EngineError::Io { action: "open overlay", path: st.describe(&data), source })?;
+                let file = st.open(&data).map_err(|source| EngineError::Io {
+                    action: "open overlay",
+                    path: st.describe(&data),
+                    source,
+                })?;
                 let ranges: RangeSet = read_framed(&**st, &ranges, RANGES_MAGIC)
-                    .map_err(|reason| EngineError::Failed { group: record.group.clone(), reason: format!("image {} overlay: {reason}", record.name) })?
+                    .map_err(|reason| EngineError::Failed {
+                        group: record.group.clone(),
+                        reason: format!("image {} overlay: {reason}", record.name),
+                    })?
                     .unwrap_or_default();
                 overlays.insert(meta.id, Overlay { file, ranges, dirty: false });
             }
@@ -121,9 +123,15 @@ impl Image {
         };
         let end = offset + buf.len() as u64;
         for (s, e, inside) in overlay.ranges.split(offset, end) {
-            let dst = buf.get_mut((s - offset) as usize..(e - offset) as usize).ok_or_else(|| EngineError::InvalidArgument("range".into()))?;
+            let dst = buf
+                .get_mut((s - offset) as usize..(e - offset) as usize)
+                .ok_or_else(|| EngineError::InvalidArgument("range".into()))?;
             if inside {
-                overlay.file.read_exact_at(dst, s).map_err(|source| EngineError::Io { action: "read overlay", path: "overlay".into(), source })?;
+                overlay.file.read_exact_at(dst, s).map_err(|source| EngineError::Io {
+                    action: "read overlay",
+                    path: "overlay".into(),
+                    source,
+                })?;
             } else {
                 self.group.read(volume, s, dst, Some(self.seq()))?;
             }
@@ -134,8 +142,13 @@ impl Image {
     /// Write into the private overlay.
     pub fn write(&self, volume: VolumeId, offset: u64, data: &[u8]) -> Result<()> {
         let mut overlays = self.overlays.lock();
-        let overlay = overlays.get_mut(&volume).ok_or_else(|| EngineError::ReadOnly(self.record.name.clone()))?;
-        overlay.file.write_all_at(data, offset).map_err(|source| EngineError::Io { action: "write overlay", path: "overlay".into(), source })?;
+        let overlay =
+            overlays.get_mut(&volume).ok_or_else(|| EngineError::ReadOnly(self.record.name.clone()))?;
+        overlay.file.write_all_at(data, offset).map_err(|source| EngineError::Io {
+            action: "write overlay",
+            path: "overlay".into(),
+            source,
+        })?;
         overlay.ranges.insert(offset, offset + data.len() as u64);
         overlay.dirty = true;
         Ok(())
@@ -144,12 +157,25 @@ impl Image {
     /// Zero a range in the overlay.
     pub fn zero(&self, volume: VolumeId, offset: u64, length: u64) -> Result<()> {
         let mut overlays = self.overlays.lock();
-        let overlay = overlays.get_mut(&volume).ok_or_else(|| EngineError::ReadOnly(self.record.name.clone()))?;
-        let file_len = overlay.file.len().map_err(|source| EngineError::Io { action: "stat overlay", path: "overlay".into(), source })?;
+        let overlay =
+            overlays.get_mut(&volume).ok_or_else(|| EngineError::ReadOnly(self.record.name.clone()))?;
+        let file_len = overlay.file.len().map_err(|source| EngineError::Io {
+            action: "stat overlay",
+            path: "overlay".into(),
+            source,
+        })?;
         if file_len < offset + length {
-            overlay.file.set_len(offset + length).map_err(|source| EngineError::Io { action: "grow overlay", path: "overlay".into(), source })?;
+            overlay.file.set_len(offset + length).map_err(|source| EngineError::Io {
+                action: "grow overlay",
+                path: "overlay".into(),
+                source,
+            })?;
         }
-        overlay.file.punch_hole(offset, length).map_err(|source| EngineError::Io { action: "punch overlay", path: "overlay".into(), source })?;
+        overlay.file.punch_hole(offset, length).map_err(|source| EngineError::Io {
+            action: "punch overlay",
+            path: "overlay".into(),
+            source,
+        })?;
         overlay.ranges.insert(offset, offset + length);
         overlay.dirty = true;
         Ok(())
@@ -161,9 +187,14 @@ impl Image {
         let mut overlays = self.overlays.lock();
         for (id, overlay) in overlays.iter_mut().filter(|(_, o)| o.dirty) {
             let (_, ranges) = overlay_names(*id);
-            overlay.file.sync_data().map_err(|source| EngineError::Io { action: "sync overlay", path: "overlay".into(), source })?;
-            write_framed(&**storage, &ranges, RANGES_MAGIC, &overlay.ranges)
-                .map_err(|source| EngineError::Io { action: "write overlay ranges", path: storage.describe(&ranges), source })?;
+            overlay.file.sync_data().map_err(|source| EngineError::Io {
+                action: "sync overlay",
+                path: "overlay".into(),
+                source,
+            })?;
+            write_framed(&**storage, &ranges, RANGES_MAGIC, &overlay.ranges).map_err(|source| {
+                EngineError::Io { action: "write overlay ranges", path: storage.describe(&ranges), source }
+            })?;
             overlay.dirty = false;
         }
         Ok(())
@@ -177,7 +208,11 @@ impl Image {
         };
         let mut out: Vec<(u64, bool, bool)> = Vec::new();
         for (s, e, inside) in ranges.split(offset, offset + length) {
-            let runs = if inside { vec![(e - s, true, false)] } else { self.group.allocation(volume, s, e - s, Some(self.seq()))? };
+            let runs = if inside {
+                vec![(e - s, true, false)]
+            } else {
+                self.group.allocation(volume, s, e - s, Some(self.seq()))?
+            };
             for run in runs {
                 match out.last_mut() {
                     Some(last) if (last.1, last.2) == (run.1, run.2) => last.0 += run.0,

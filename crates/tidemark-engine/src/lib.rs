@@ -15,6 +15,7 @@ use parking_lot::{Mutex, RwLock};
 use tidemark_journal::storage::{OsStorage, Storage};
 use tidemark_journal::{Control, VolumeId, ZeroMode};
 
+pub mod base;
 pub mod catalog;
 pub mod error;
 pub mod events;
@@ -204,15 +205,30 @@ impl Engine {
         for record in catalog.groups()? {
             let slot = match storage
                 .group(record.id)
-                .map_err(|source| EngineError::Io { action: "open group directory", path: record.name.clone().into(), source })
-                .and_then(|st| Group::open(st, record.id, &record.name, record.options.clone(), clock.clone(), events.clone()))
-            {
+                .map_err(|source| EngineError::Io {
+                    action: "open group directory",
+                    path: record.name.clone().into(),
+                    source,
+                })
+                .and_then(|st| {
+                    Group::open(
+                        st,
+                        record.id,
+                        &record.name,
+                        record.options.clone(),
+                        clock.clone(),
+                        events.clone(),
+                    )
+                }) {
                 Ok(group) => GroupSlot::Open(Arc::new(group)),
                 Err(e) => {
                     // One damaged group must not take the site down: it is listed as failed.
                     let reason = e.to_string();
                     tracing::error!(group = %record.name, %reason, "group failed to open");
-                    events.event(EngineEvent::GroupFailed { group: record.name.clone(), reason: reason.clone() });
+                    events.event(EngineEvent::GroupFailed {
+                        group: record.name.clone(),
+                        reason: reason.clone(),
+                    });
                     GroupSlot::Failed { options: record.options.clone(), reason }
                 }
             };
@@ -222,11 +238,13 @@ impl Engine {
         for record in catalog.images()? {
             let Some(GroupSlot::Open(group)) = groups.get(&record.group) else { continue };
             let st = match record.mode {
-                ImageMode::Writable => Some(
-                    storage
-                        .image(&record.name)
-                        .map_err(|source| EngineError::Io { action: "open image directory", path: record.name.clone().into(), source })?,
-                ),
+                ImageMode::Writable => {
+                    Some(storage.image(&record.name).map_err(|source| EngineError::Io {
+                        action: "open image directory",
+                        path: record.name.clone().into(),
+                        source,
+                    })?)
+                }
                 ImageMode::ReadOnly => None,
             };
             let image = Image::open(record.clone(), group.clone(), st)?;
@@ -265,7 +283,8 @@ impl Engine {
     /// checkpoints that are due. Errors are logged and raised as events, never fatal.
     pub fn maintain(&self) {
         for group in self.open_groups() {
-            let pin = self.images.read().values().filter(|i| i.group.name == group.name).map(|i| i.seq()).min();
+            let pin =
+                self.images.read().values().filter(|i| i.group.name == group.name).map(|i| i.seq()).min();
             if let Err(e) = group.trim(pin) {
                 tracing::warn!(group = %group.name, error = %e, "trimming history failed");
             }
@@ -304,10 +323,17 @@ impl Engine {
             .collect()
     }
 
+    /// Records replayed from the journal when `group` was opened (test and start-up metrics).
+    pub fn records_replayed(&self, group: &str) -> Result<u64> {
+        Ok(self.group_arc(group)?.records_replayed)
+    }
+
     fn group_arc(&self, name: &str) -> Result<Arc<Group>> {
         match self.groups.read().get(name) {
             Some(GroupSlot::Open(g)) => Ok(g.clone()),
-            Some(GroupSlot::Failed { reason, .. }) => Err(EngineError::Failed { group: name.into(), reason: reason.clone() }),
+            Some(GroupSlot::Failed { reason, .. }) => {
+                Err(EngineError::Failed { group: name.into(), reason: reason.clone() })
+            }
             None => Err(EngineError::NotFound { kind: "group", name: name.into() }),
         }
     }
@@ -326,11 +352,13 @@ impl Engine {
             return Err(EngineError::AlreadyExists { kind: "group", name: name.into() });
         }
         let id = rand::random::<u64>() >> 1;
-        let storage = self
-            .storage
-            .group(id)
-            .map_err(|source| EngineError::Io { action: "create group directory", path: name.into(), source })?;
-        let group = Group::create(storage, id, name, options.clone(), self.clock.clone(), self.events.clone())?;
+        let storage = self.storage.group(id).map_err(|source| EngineError::Io {
+            action: "create group directory",
+            path: name.into(),
+            source,
+        })?;
+        let group =
+            Group::create(storage, id, name, options.clone(), self.clock.clone(), self.events.clone())?;
         // The group's files exist before the catalog names it: a crash in between leaves an
         // unnamed directory, never a catalog entry without files.
         self.catalog.put_group(&GroupRecord { id, name: name.into(), options })?;
@@ -347,7 +375,8 @@ impl Engine {
     /// One group.
     pub fn group(&self, name: &str) -> Result<GroupInfo> {
         let groups = self.groups.read();
-        let slot = groups.get(name).ok_or_else(|| EngineError::NotFound { kind: "group", name: name.into() })?;
+        let slot =
+            groups.get(name).ok_or_else(|| EngineError::NotFound { kind: "group", name: name.into() })?;
         Ok(self.group_info(name, slot))
     }
 
@@ -400,7 +429,13 @@ impl Engine {
     }
 
     /// Create a thin volume in `group`.
-    pub fn create_volume(&self, group: &str, name: &str, size_bytes: u64, block_size_bytes: u32) -> Result<VolumeInfo> {
+    pub fn create_volume(
+        &self,
+        group: &str,
+        name: &str,
+        size_bytes: u64,
+        block_size_bytes: u32,
+    ) -> Result<VolumeInfo> {
         validate_name("volume", name)?;
         if !BLOCK_SIZES_ALLOWED.contains(&block_size_bytes) {
             return Err(EngineError::InvalidArgument(format!(
@@ -435,14 +470,19 @@ impl Engine {
 
     /// One volume.
     pub fn volume(&self, name: &str) -> Result<VolumeInfo> {
-        self.volumes().into_iter().find(|v| v.name == name).ok_or_else(|| EngineError::NotFound { kind: "volume", name: name.into() })
+        self.volumes()
+            .into_iter()
+            .find(|v| v.name == name)
+            .ok_or_else(|| EngineError::NotFound { kind: "volume", name: name.into() })
     }
 
     /// Grow a volume.
     pub fn resize_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo> {
         let _admin = self.admin.lock();
         let (g, id) = self.find_volume(name)?;
-        let meta = g.with_state(|st| st.volume_meta(id)).ok_or_else(|| EngineError::NotFound { kind: "volume", name: name.into() })?;
+        let meta = g
+            .with_state(|st| st.volume_meta(id))
+            .ok_or_else(|| EngineError::NotFound { kind: "volume", name: name.into() })?;
         validate_size(size_bytes, meta.block_size_bytes)?;
         if size_bytes < meta.size_bytes {
             return Err(EngineError::InvalidArgument(format!(
@@ -481,7 +521,10 @@ impl Engine {
     /// Bookmarks of `group`, oldest first.
     pub fn bookmarks(&self, group: &str) -> Result<Vec<BookmarkInfo>> {
         let g = self.group_arc(group)?;
-        Ok(g.bookmarks().into_iter().map(|b| BookmarkInfo { name: b.name, point: g.point_info(b.seq) }).collect())
+        Ok(g.bookmarks()
+            .into_iter()
+            .map(|b| BookmarkInfo { name: b.name, point: g.point_info(b.seq) })
+            .collect())
     }
 
     /// Recoverable range, bookmarks and rollbacks of `group`.
@@ -493,7 +536,12 @@ impl Engine {
             oldest: s.oldest,
             newest: s.newest,
             bookmarks: self.bookmarks(group)?,
-            rollbacks: g.rollbacks().iter().filter(|r| r.end.is_some()).map(|r| self.rollback_info(&g, r)).collect(),
+            rollbacks: g
+                .rollbacks()
+                .iter()
+                .filter(|r| r.end.is_some())
+                .map(|r| self.rollback_info(&g, r))
+                .collect(),
         })
     }
 
@@ -511,7 +559,11 @@ impl Engine {
         let g = self.group_arc(group)?;
         let target = g.resolve(to)?;
         let entry = g.rollback(target, progress)?;
-        self.events.event(EngineEvent::RollbackCompleted { group: group.into(), target: target.0, bytes_rewritten: entry.bytes_rewritten });
+        self.events.event(EngineEvent::RollbackCompleted {
+            group: group.into(),
+            target: target.0,
+            bytes_rewritten: entry.bytes_rewritten,
+        });
         let entry = g.rollbacks().into_iter().rev().find(|r| r.begin == entry.begin).unwrap_or(entry);
         Ok(self.rollback_info(&g, &entry))
     }
@@ -519,12 +571,9 @@ impl Engine {
     /// Undo the newest rollback: roll back to the point just before it began.
     pub fn undo_rollback(&self, group: &str, progress: &dyn Fn(Progress)) -> Result<RollbackInfo> {
         let g = self.group_arc(group)?;
-        let last = g
-            .rollbacks()
-            .into_iter()
-            .rev()
-            .find(|r| r.end.is_some())
-            .ok_or_else(|| EngineError::Conflict(format!("group {group:?} has no rollback in its history to undo")))?;
+        let last = g.rollbacks().into_iter().rev().find(|r| r.end.is_some()).ok_or_else(|| {
+            EngineError::Conflict(format!("group {group:?} has no rollback in its history to undo"))
+        })?;
         self.rollback(group, &Point::Seq(Seq(last.begin.0 - 1)), progress)
     }
 
@@ -539,11 +588,11 @@ impl Engine {
         let seq = g.resolve(at)?;
         let record = ImageRecord { name: name.into(), group: group.into(), seq: seq.0, mode };
         let storage = match mode {
-            ImageMode::Writable => Some(
-                self.storage
-                    .image(name)
-                    .map_err(|source| EngineError::Io { action: "create image directory", path: name.into(), source })?,
-            ),
+            ImageMode::Writable => Some(self.storage.image(name).map_err(|source| EngineError::Io {
+                action: "create image directory",
+                path: name.into(),
+                source,
+            })?),
             ImageMode::ReadOnly => None,
         };
         let image = Arc::new(Image::open(record.clone(), g, storage)?);
@@ -558,7 +607,12 @@ impl Engine {
             group: image.record.group.clone(),
             point: image.group.point_info(image.seq()),
             mode: image.record.mode,
-            exports: image.group.volumes().iter().map(|v| format!("{}/{}", image.record.name, v.name)).collect(),
+            exports: image
+                .group
+                .volumes()
+                .iter()
+                .map(|v| format!("{}/{}", image.record.name, v.name))
+                .collect(),
         }
     }
 
@@ -574,9 +628,11 @@ impl Engine {
             return Err(EngineError::NotFound { kind: "image", name: name.into() });
         }
         self.catalog.remove_image(name)?;
-        self.storage
-            .remove_image(name)
-            .map_err(|source| EngineError::Io { action: "remove image directory", path: name.into(), source })
+        self.storage.remove_image(name).map_err(|source| EngineError::Io {
+            action: "remove image directory",
+            path: name.into(),
+            source,
+        })
     }
 
     /// Every export: each volume, and each volume of each image.
@@ -596,7 +652,10 @@ impl Engine {
             for v in image.group.volumes() {
                 out.push(ExportDesc {
                     name: format!("{}/{}", image.record.name, v.name),
-                    description: format!("image {} of group {} at seq {}", image.record.name, image.record.group, image.record.seq),
+                    description: format!(
+                        "image {} of group {} at seq {}",
+                        image.record.name, image.record.group, image.record.seq
+                    ),
                     size_bytes: v.size_bytes,
                     block_size_bytes: v.block_size_bytes,
                     read_only: image.record.mode == ImageMode::ReadOnly,
@@ -611,7 +670,12 @@ impl Engine {
         if let Some((image_name, volume)) = name.split_once('/') {
             let image = self.images.read().get(image_name)?.clone();
             let id = image.group.with_state(|st| st.volume_id(volume))?;
-            return Some(Arc::new(ExportHandle { name: name.into(), group: image.group.clone(), volume: id, image: Some(image) }));
+            return Some(Arc::new(ExportHandle {
+                name: name.into(),
+                group: image.group.clone(),
+                volume: id,
+                image: Some(image),
+            }));
         }
         let (group, volume) = self.find_volume(name).ok()?;
         Some(Arc::new(ExportHandle { name: name.into(), group, volume, image: None }))
@@ -643,7 +707,10 @@ impl ExportHandle {
         let size = self.desc().size_bytes;
         match offset.checked_add(length) {
             Some(end) if end <= size => Ok(()),
-            _ => Err(EngineError::InvalidArgument(format!("range [{offset}, +{length}) is outside {} of {size} bytes", self.name))),
+            _ => Err(EngineError::InvalidArgument(format!(
+                "range [{offset}, +{length}) is outside {} of {size} bytes",
+                self.name
+            ))),
         }
     }
 
@@ -716,7 +783,10 @@ impl ExportHandle {
             }
             None => self.group.allocation(self.volume, offset, length, None)?,
         };
-        Ok(runs.into_iter().map(|(length_bytes, allocated, zero)| Extent { length_bytes, allocated, zero }).collect())
+        Ok(runs
+            .into_iter()
+            .map(|(length_bytes, allocated, zero)| Extent { length_bytes, allocated, zero })
+            .collect())
     }
 }
 
@@ -737,7 +807,8 @@ pub fn validate_name(kind: &'static str, name: &str) -> Result<()> {
 }
 
 fn validate_size(size_bytes: u64, block_size_bytes: u32) -> Result<()> {
-    if size_bytes == 0 || size_bytes > VOLUME_SIZE_BYTES_MAX || size_bytes % u64::from(block_size_bytes) != 0 {
+    if size_bytes == 0 || size_bytes > VOLUME_SIZE_BYTES_MAX || size_bytes % u64::from(block_size_bytes) != 0
+    {
         return Err(EngineError::InvalidArgument(format!(
             "volume size {size_bytes} must be a non-zero multiple of the block size ({block_size_bytes}) up to 64 TiB"
         )));

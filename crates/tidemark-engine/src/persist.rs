@@ -112,7 +112,12 @@ pub struct Checkpoint {
 }
 
 /// Write `value` framed under `magic` to `name`, atomically.
-pub fn write_framed<T: Serialize>(storage: &dyn Storage, name: &str, magic: [u8; 8], value: &T) -> std::io::Result<()> {
+pub fn write_framed<T: Serialize>(
+    storage: &dyn Storage,
+    name: &str,
+    magic: [u8; 8],
+    value: &T,
+) -> std::io::Result<()> {
     let body = postcard::to_stdvec(value).map_err(std::io::Error::other)?;
     let mut out = Vec::with_capacity(body.len() + 32);
     out.extend_from_slice(&magic);
@@ -126,7 +131,11 @@ pub fn write_framed<T: Serialize>(storage: &dyn Storage, name: &str, magic: [u8;
 }
 
 /// Read a framed file: `Ok(None)` when absent, `Err(reason)` when present but invalid.
-pub fn read_framed<T: DeserializeOwned>(storage: &dyn Storage, name: &str, magic: [u8; 8]) -> Result<Option<T>, String> {
+pub fn read_framed<T: DeserializeOwned>(
+    storage: &dyn Storage,
+    name: &str,
+    magic: [u8; 8],
+) -> Result<Option<T>, String> {
     let Some(bytes) = read_file(storage, name).map_err(|e| format!("cannot read: {e}"))? else {
         return Ok(None);
     };
@@ -144,7 +153,8 @@ pub fn read_framed<T: DeserializeOwned>(storage: &dyn Storage, name: &str, magic
     if version != FORMAT_VERSION {
         return Err(format!("format version {version} is not supported (this build reads {FORMAT_VERSION})"));
     }
-    let len = u32::from_le_bytes(framed.get(12..16).and_then(|b| b.try_into().ok()).unwrap_or_default()) as usize;
+    let len =
+        u32::from_le_bytes(framed.get(12..16).and_then(|b| b.try_into().ok()).unwrap_or_default()) as usize;
     let body = framed.get(16..).filter(|b| b.len() == len).ok_or("body length mismatch")?;
     postcard::from_bytes(body).map(Some).map_err(|e| format!("undecodable: {e}"))
 }

@@ -30,7 +30,9 @@ pub enum Point {
 
 /// Why a point could not be parsed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid point {input:?}: {reason} (expected RFC 3339 time, -DURATION, bookmark:NAME, seq:N or latest)")]
+#[error(
+    "invalid point {input:?}: {reason} (expected RFC 3339 time, -DURATION, bookmark:NAME, seq:N or latest)"
+)]
 pub struct PointParseError {
     /// The text that was given.
     pub input: String,
@@ -47,7 +49,10 @@ impl FromStr for Point {
             return Ok(Point::Latest);
         }
         if let Some(n) = s.strip_prefix("seq:") {
-            return n.parse::<u64>().map(|n| Point::Seq(Seq(n))).map_err(|_| err("seq must be a whole number"));
+            return n
+                .parse::<u64>()
+                .map(|n| Point::Seq(Seq(n)))
+                .map_err(|_| err("seq must be a whole number"));
         }
         if let Some(name) = s.strip_prefix("bookmark:") {
             if name.is_empty() {
@@ -59,11 +64,10 @@ impl FromStr for Point {
             return humantime::parse_duration(d).map(Point::Ago).map_err(|e| err(&e.to_string()));
         }
         let t = humantime::parse_rfc3339_weak(s).map_err(|e| err(&e.to_string()))?;
-        let ns = t
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_err(|_| err("time is before 1970"))?
-            .as_nanos();
-        u64::try_from(ns).map(|ns| Point::Time(UnixNanos(ns))).map_err(|_| err("time is too far in the future"))
+        let ns = t.duration_since(std::time::UNIX_EPOCH).map_err(|_| err("time is before 1970"))?.as_nanos();
+        u64::try_from(ns)
+            .map(|ns| Point::Time(UnixNanos(ns)))
+            .map_err(|_| err("time is too far in the future"))
     }
 }
 

@@ -65,7 +65,8 @@ fn options() -> GroupOptions {
 
 fn open(storage: &SimStorage, clock: &Arc<ManualClock>) -> Group {
     let st: Arc<dyn Storage> = Arc::new(storage.clone());
-    Group::open(st, 42, "g", options(), clock.clone(), Arc::new(MemoryEvents::default())).expect("group opens after a crash")
+    Group::open(st, 42, "g", options(), clock.clone(), Arc::new(MemoryEvents::default()))
+        .expect("group opens after a crash")
 }
 
 fn read_all(group: &Group, at: Option<Seq>) -> Image {
@@ -79,24 +80,47 @@ fn read_all(group: &Group, at: Option<Seq>) -> Image {
         .collect()
 }
 
+/// Compare two images, naming the first differing byte instead of printing megabytes.
+fn same(actual: &Image, expected: &Image, what: &str) -> Result<(), TestCaseError> {
+    for (v, (a, e)) in actual.iter().zip(expected).enumerate() {
+        if let Some(i) = a.iter().zip(e).position(|(x, y)| x != y) {
+            return Err(TestCaseError::fail(format!(
+                "{what}: volume {v} differs first at byte {i}: {} instead of {}",
+                a[i], e[i]
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let storage = SimStorage::new();
     let clock = Arc::new(ManualClock::default());
     clock.advance(Duration::from_secs(1_700_000_000));
     let st: Arc<dyn Storage> = Arc::new(storage.clone());
-    let mut group = Group::create(st, 42, "g", options(), clock.clone(), Arc::new(MemoryEvents::default())).expect("create");
+    let mut group = Group::create(st, 42, "g", options(), clock.clone(), Arc::new(MemoryEvents::default()))
+        .expect("create");
     for &(id, bs, size) in &VOLUMES {
         group
-            .append_control(Control::VolumeCreated { volume: VolumeId(id), name: format!("v{id}"), size_bytes: size, block_size_bytes: bs })
+            .append_control(Control::VolumeCreated {
+                volume: VolumeId(id),
+                name: format!("v{id}"),
+                size_bytes: size,
+                block_size_bytes: bs,
+            })
             .expect("create volume");
     }
     let last = group.summary().last_seq.0;
-    let mut model = Model { states: BTreeMap::from([(last, VOLUMES.iter().map(|v| vec![0u8; v.2 as usize]).collect())]), durable: last };
+    let mut model = Model {
+        states: BTreeMap::from([(last, VOLUMES.iter().map(|v| vec![0u8; v.2 as usize]).collect())]),
+        durable: last,
+    };
     for op in ops {
         clock.advance(Duration::from_millis(3));
         let horizon = group.summary().oldest.seq;
         let known: Vec<u64> = model.states.keys().copied().filter(|&s| s >= horizon).collect();
-        let pick = |back: usize| known.get(known.len().saturating_sub(1 + back % known.len().max(1))).copied();
+        let pick =
+            |back: usize| known.get(known.len().saturating_sub(1 + back % known.len().max(1))).copied();
         match op {
             Op::Write { vol, block, blocks, fill } => {
                 let (id, bs, size) = VOLUMES[vol];
@@ -139,7 +163,10 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let (seq, _) = group.bookmark(&name).expect("bookmark");
                 let same = model.current().clone();
                 model.states.insert(seq.0, same);
-                prop_assert_eq!(group.resolve(&tidemark_engine::Point::Bookmark(name)).expect("resolve"), seq);
+                prop_assert_eq!(
+                    group.resolve(&tidemark_engine::Point::Bookmark(name)).expect("resolve"),
+                    seq
+                );
             }
             Op::Rollback { back } => {
                 let Some(target) = pick(back) else { continue };
@@ -147,7 +174,11 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let restored = model.states[&target].clone();
                 model.states.insert(entry.end.expect("rollback finished").0, restored);
                 model.durable = *model.states.keys().next_back().expect("state");
-                prop_assert_eq!(&read_all(&group, None), model.current(), "content after rollback to seq {}", target);
+                same(
+                    &read_all(&group, None),
+                    model.current(),
+                    &format!("content after rollback to seq {target}"),
+                )?;
             }
             Op::Checkpoint => {
                 group.checkpoint(true).expect("checkpoint");
@@ -166,7 +197,11 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 storage.crash(if torn { CrashMode::TearUnsynced } else { CrashMode::DropUnsynced }, seed);
                 group = open(&storage, &clock);
                 let last = group.summary().last_seq.0;
-                let resumed = group.rollbacks().last().and_then(|r| r.end).filter(|&e| e.0 == last && !model.states.contains_key(&last));
+                let resumed = group
+                    .rollbacks()
+                    .last()
+                    .and_then(|r| r.end)
+                    .filter(|&e| e.0 == last && !model.states.contains_key(&last));
                 if let Some(end) = resumed {
                     // A rollback was cut short and resumed at start-up: the group is at its target.
                     let target = group.rollbacks().last().expect("rollback").target.0;
@@ -174,19 +209,32 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     model.states.retain(|&s, _| s < end.0);
                     model.states.insert(end.0, restored);
                 } else {
-                    prop_assert!(model.states.contains_key(&last), "recovered to seq {} which is not the end of an operation", last);
+                    prop_assert!(
+                        model.states.contains_key(&last),
+                        "recovered to seq {} which is not the end of an operation",
+                        last
+                    );
                     model.states.retain(|&s, _| s <= last);
                 }
-                prop_assert!(last >= model.durable, "durable seq {} lost: recovered only to {}", model.durable, last);
+                prop_assert!(
+                    last >= model.durable,
+                    "durable seq {} lost: recovered only to {}",
+                    model.durable,
+                    last
+                );
                 model.durable = last;
             }
             Op::ReadPast { back } => {
                 if let Some(at) = pick(back) {
-                    prop_assert_eq!(&read_all(&group, Some(Seq(at))), &model.states[&at], "point-in-time read at seq {}", at);
+                    same(
+                        &read_all(&group, Some(Seq(at))),
+                        &model.states[&at],
+                        &format!("point-in-time read at seq {at}"),
+                    )?;
                 }
             }
         }
-        prop_assert_eq!(&read_all(&group, None), model.current());
+        same(&read_all(&group, None), model.current(), "newest content")?;
     }
     Ok(())
 }
@@ -205,9 +253,15 @@ fn failed_fsync_poisons_the_group_until_reopened() {
     let storage = SimStorage::new();
     let clock = Arc::new(ManualClock::default());
     let st: Arc<dyn Storage> = Arc::new(storage.clone());
-    let group = Group::create(st, 42, "g", options(), clock.clone(), Arc::new(MemoryEvents::default())).expect("create");
+    let group = Group::create(st, 42, "g", options(), clock.clone(), Arc::new(MemoryEvents::default()))
+        .expect("create");
     group
-        .append_control(Control::VolumeCreated { volume: VolumeId(1), name: "v".into(), size_bytes: 1 << 20, block_size_bytes: 4096 })
+        .append_control(Control::VolumeCreated {
+            volume: VolumeId(1),
+            name: "v".into(),
+            size_bytes: 1 << 20,
+            block_size_bytes: 4096,
+        })
         .expect("volume");
     storage.fail_syncs_after(Some(0));
     group.write(VolumeId(1), 0, &[7u8; 4096]).expect("buffered write succeeds");

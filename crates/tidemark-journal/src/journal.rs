@@ -676,7 +676,9 @@ fn find_valid_record_after(file: &dyn StorageFile, from: u64, len: u64, next_seq
         if rest.get(i..i + 4) == Some(&record::RECORD_MAGIC[..]) {
             let header = rest.get(i..i + HEADER_BYTES).and_then(|h| <&[u8; HEADER_BYTES]>::try_from(h).ok());
             let vouches = header.and_then(|h| RecordHeader::decode(h).ok()).is_some_and(|h| {
-                h.seq > next_seq && h.durable_lag != u32::MAX && h.seq.0 - u64::from(h.durable_lag) >= next_seq.0
+                h.seq > next_seq
+                    && h.durable_lag != u32::MAX
+                    && h.seq.0 - u64::from(h.durable_lag) >= next_seq.0
             });
             if vouches && rest.get(i..).is_some_and(|tail| record::decode(tail, None).is_ok()) {
                 return Some(start + i as u64);

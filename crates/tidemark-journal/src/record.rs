@@ -215,7 +215,9 @@ pub struct RecordMeta {
 /// Encode a record after `prev_chain` into `out` (cleared first); returns its new chain hash.
 pub fn encode(meta: RecordMeta, body: &RecordBody, prev_chain: &ChainHash, out: &mut Vec<u8>) -> ChainHash {
     match body {
-        RecordBody::Write { volume, offset, data } => encode_write(meta, *volume, *offset, data, prev_chain, out),
+        RecordBody::Write { volume, offset, data } => {
+            encode_write(meta, *volume, *offset, data, prev_chain, out)
+        }
         RecordBody::Zero { volume, offset, length, mode } => {
             let flags = if *mode == ZeroMode::Allocate { FLAG_ZERO_ALLOCATE } else { 0 };
             encode_parts(meta, (KIND_ZERO, flags), *volume, *offset, *length, &[], prev_chain, out)

@@ -295,7 +295,8 @@ impl StorageFile for SimFile {
         while pos < end {
             let next = ((pos / SECTOR_BYTES) + 1) * SECTOR_BYTES;
             let hi = next.min(end);
-            let nonzero = state.live.get(pos as usize..hi as usize).is_some_and(|s| s.iter().any(|&b| b != 0));
+            let nonzero =
+                state.live.get(pos as usize..hi as usize).is_some_and(|s| s.iter().any(|&b| b != 0));
             if nonzero {
                 match ranges.last_mut() {
                     Some(last) if last.1 == pos => last.1 = hi,

@@ -90,7 +90,12 @@ fn torn_tail_is_truncated_and_appends_continue() {
     let file = storage.open(&tidemark_journal::journal::segment_name(tail.segment)).expect("open");
     let mut buf = Vec::new();
     tidemark_journal::record::encode(
-        tidemark_journal::record::RecordMeta { seq: Seq(3), generation: Generation(1), time: UnixNanos(5), durable: Seq(2) },
+        tidemark_journal::record::RecordMeta {
+            seq: Seq(3),
+            generation: Generation(1),
+            time: UnixNanos(5),
+            durable: Seq(2),
+        },
         &write(3),
         &j.chain(),
         &mut buf,

@@ -1,0 +1,205 @@
+//! The engine through its public API, on a real data directory.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tidemark_engine::{
+    Durability, Engine, EngineConfig, EngineError, EngineEvent, GroupOptions, ImageMode, MemoryEvents, Point,
+    SystemClock,
+};
+
+fn open(dir: &std::path::Path, events: Arc<MemoryEvents>) -> Arc<Engine> {
+    let mut config = EngineConfig::new(dir, events);
+    // Maintenance is driven by hand in these tests.
+    config.maintenance_interval = Duration::from_secs(3600);
+    Engine::open(config, Arc::new(SystemClock)).expect("open engine")
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| seed.wrapping_mul(31).wrapping_add((i % 251) as u8)).collect()
+}
+
+#[test]
+fn data_survives_shutdown_and_the_checkpoint_bounds_replay() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events = Arc::new(MemoryEvents::default());
+    let engine = open(dir.path(), events.clone());
+    engine.create_group("db", GroupOptions::default()).expect("group");
+    engine.create_volume("db", "data", 64 << 20, 4096).expect("volume");
+    let export = engine.open_export("data").expect("export");
+    for i in 0..300u64 {
+        export.write(i * 4096, &pattern(i as u8, 4096), Durability::Buffered).expect("write");
+    }
+    export.flush().expect("flush");
+    engine.shutdown().expect("shutdown writes a checkpoint");
+    drop(export);
+    drop(engine);
+
+    let engine = open(dir.path(), events.clone());
+    assert_eq!(
+        engine.records_replayed("db").expect("group"),
+        0,
+        "a fresh checkpoint leaves nothing to replay"
+    );
+    let export = engine.open_export("data").expect("export");
+    for i in 0..300u64 {
+        let mut buf = vec![0u8; 4096];
+        export.read(i * 4096, &mut buf).expect("read");
+        assert_eq!(buf, pattern(i as u8, 4096), "block {i}");
+    }
+    for i in 0..7u64 {
+        export.write(i * 4096, &pattern(99, 4096), Durability::Fua).expect("write");
+    }
+    // No shutdown: the seven writes after the checkpoint are replayed from the journal.
+    drop(export);
+    drop(engine);
+    let engine = open(dir.path(), events);
+    assert_eq!(engine.records_replayed("db").expect("group"), 7);
+    let mut buf = vec![0u8; 4096];
+    engine.open_export("data").expect("export").read(6 * 4096, &mut buf).expect("read");
+    assert_eq!(buf, pattern(99, 4096));
+}
+
+#[test]
+fn images_show_the_past_while_the_volume_changes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = open(dir.path(), Arc::new(MemoryEvents::default()));
+    engine.create_group("g", GroupOptions::default()).expect("group");
+    engine.create_volume("g", "v", 1 << 20, 4096).expect("volume");
+    let v = engine.open_export("v").expect("export");
+    v.write(0, &[1u8; 8192], Durability::Fua).expect("write");
+    engine.create_bookmark("g", "before").expect("bookmark");
+    let ro = engine
+        .create_image("g", &Point::Bookmark("before".into()), "past", ImageMode::ReadOnly)
+        .expect("image");
+    assert_eq!(ro.exports, vec!["past/v".to_string()]);
+    let rw = engine.create_image("g", &Point::Latest, "test", ImageMode::Writable).expect("writable image");
+    v.write(0, &[2u8; 8192], Durability::Fua).expect("write after image");
+
+    let past = engine.open_export("past/v").expect("image export");
+    assert!(past.desc().read_only);
+    let mut buf = vec![0u8; 8192];
+    past.read(0, &mut buf).expect("read image");
+    assert_eq!(buf, vec![1u8; 8192], "the image keeps the bookmarked content");
+    assert!(matches!(past.write(0, &[9u8; 512], Durability::Buffered), Err(EngineError::ReadOnly(_))));
+
+    let test = engine.open_export(&format!("{}/v", rw.name)).expect("writable export");
+    test.write(512, &[7u8; 100], Durability::Fua).expect("write overlay");
+    test.read(0, &mut buf).expect("read overlay");
+    let mut expected = vec![1u8; 8192];
+    expected[512..612].fill(7);
+    assert_eq!(buf, expected, "overlay on top of the image's point");
+    v.read(0, &mut buf).expect("read volume");
+    assert_eq!(buf, vec![2u8; 8192], "the overlay never touches the volume");
+
+    engine.delete_image("test").expect("delete");
+    assert!(engine.open_export("test/v").is_none());
+    assert!(
+        matches!(engine.delete_volume("v"), Err(EngineError::Conflict(_))),
+        "image 'past' still views the group"
+    );
+}
+
+#[test]
+fn the_size_limit_trims_history_with_an_event_and_points_before_it_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events = Arc::new(MemoryEvents::default());
+    let engine = open(dir.path(), events.clone());
+    engine
+        .create_group("g", GroupOptions { retention_seconds: 86400, journal_max_bytes: 16 << 20 })
+        .expect("group");
+    engine.create_volume("g", "v", 8 << 20, 4096).expect("volume");
+    let v = engine.open_export("v").expect("export");
+    let first = engine.group("g").expect("group").newest_point;
+    // 40 MiB of writes into a 16 MiB journal over an 8 MiB volume.
+    for round in 0..5u8 {
+        for i in 0..8u64 {
+            v.write(i << 20, &pattern(round, 1 << 20), Durability::Buffered).expect("write");
+        }
+    }
+    v.flush().expect("flush");
+    engine.maintain();
+    let info = engine.group("g").expect("group");
+    assert!(info.journal_bytes <= 16 << 20, "journal is {} bytes after trimming", info.journal_bytes);
+    assert!(info.oldest_seq > 0);
+    let trimmed = events
+        .0
+        .lock()
+        .iter()
+        .any(|e| matches!(e, EngineEvent::HistoryTrimmed { group, .. } if group == "g"));
+    assert!(trimmed, "trimming inside the retention window must raise an event");
+    let mut buf = vec![0u8; 1 << 20];
+    v.read(3 << 20, &mut buf).expect("read");
+    assert_eq!(buf, pattern(4, 1 << 20), "trimming never changes the newest content");
+    let point: Point = first.parse().expect("point");
+    match engine.rollback("g", &point, &|_| {}) {
+        Err(EngineError::PointOutOfRange { oldest_seq, .. }) => assert_eq!(oldest_seq, info.oldest_seq),
+        other => panic!("expected an out-of-range error, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_corrupt_group_fails_alone_and_the_site_keeps_serving_the_others() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events = Arc::new(MemoryEvents::default());
+    let engine = open(dir.path(), events.clone());
+    for g in ["bad", "good"] {
+        engine.create_group(g, GroupOptions::default()).expect("group");
+        engine.create_volume(g, &format!("{g}-v"), 1 << 20, 4096).expect("volume");
+        let v = engine.open_export(&format!("{g}-v")).expect("export");
+        v.write(0, &[3u8; 4096], Durability::Fua).expect("write");
+        v.write(4096, &[4u8; 4096], Durability::Fua).expect("write");
+    }
+    drop(engine);
+    // Damage the first data record of group "bad" (a later record vouches it was durable).
+    let groups = std::fs::read_dir(dir.path().join("groups")).expect("groups dir");
+    let mut damaged = false;
+    for entry in groups {
+        let seg = entry.expect("entry").path().join("journal-0000000000000000.seg");
+        let bytes = std::fs::read(&seg).expect("segment");
+        if bytes.windows(6).any(|w| w == b"bad-v\0" || w.starts_with(b"bad-v")) {
+            let mut bytes = bytes;
+            let pos = bytes.windows(4096).position(|w| w.iter().all(|&b| b == 3)).expect("data record");
+            bytes[pos + 10] ^= 0xff;
+            std::fs::write(&seg, bytes).expect("write");
+            damaged = true;
+        }
+    }
+    assert!(damaged);
+    let engine = open(dir.path(), events.clone());
+    let bad = engine.group("bad").expect("listed");
+    assert_eq!(bad.state, "failed");
+    let reason = bad.state_reason.expect("reason");
+    assert!(reason.contains("journal-0000000000000000.seg") && reason.contains("offset"), "{reason}");
+    assert!(engine.open_export("bad-v").is_none());
+    let mut buf = vec![0u8; 4096];
+    engine.open_export("good-v").expect("good export").read(4096, &mut buf).expect("read");
+    assert_eq!(buf, vec![4u8; 4096]);
+}
+
+#[test]
+fn bad_arguments_are_refused_with_clear_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = open(dir.path(), Arc::new(MemoryEvents::default()));
+    assert!(matches!(
+        engine.create_group("../x", GroupOptions::default()),
+        Err(EngineError::InvalidArgument(_))
+    ));
+    engine.create_group("g", GroupOptions::default()).expect("group");
+    assert!(matches!(
+        engine.create_group("g", GroupOptions::default()),
+        Err(EngineError::AlreadyExists { .. })
+    ));
+    assert!(matches!(engine.create_volume("g", "v", 1000, 4096), Err(EngineError::InvalidArgument(_))));
+    assert!(matches!(engine.create_volume("g", "v", 4096, 1024), Err(EngineError::InvalidArgument(_))));
+    assert!(matches!(engine.create_volume("g", "v", 65 << 40, 4096), Err(EngineError::InvalidArgument(_))));
+    engine.create_volume("g", "v", 64 << 40, 4096).expect("64 TiB volume");
+    assert!(matches!(engine.resize_volume("v", 1 << 30), Err(EngineError::InvalidArgument(_))));
+    let v = engine.open_export("v").expect("export");
+    assert!(v.write((64 << 40) - 4096, &[1u8; 8192], Durability::Buffered).is_err());
+    v.write((64 << 40) - 4096, &[1u8; 4096], Durability::Buffered).expect("last block of 64 TiB");
+    v.trim(0, 64 << 40, Durability::Fua).expect("trim the whole 64 TiB volume");
+    let err =
+        engine.rollback("g", &Point::Seq(tidemark_engine::Seq(1_000_000)), &|_| {}).expect_err("future seq");
+    assert!(err.to_string().contains("outside the recoverable range"), "{err}");
+}
