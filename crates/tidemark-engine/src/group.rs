@@ -46,6 +46,9 @@ pub enum Health {
     Ok,
     /// An fsync failed; writes are refused until restart.
     Poisoned(String),
+    /// Corruption was found in the journal or a base image; writes are refused. Reads of
+    /// undamaged blocks still work, so data can be copied out.
+    Failed(String),
 }
 
 /// What a read at a point draws its bytes from, block run by block run.
@@ -304,7 +307,24 @@ impl Group {
             Health::Poisoned(reason) => {
                 Err(EngineError::Poisoned { group: self.name.clone(), reason: reason.clone() })
             }
+            Health::Failed(reason) => {
+                Err(EngineError::Failed { group: self.name.clone(), reason: reason.clone() })
+            }
         }
+    }
+
+    /// Stop the group after finding corruption; the error passes through.
+    fn fail_on_corruption(&self, error: EngineError) -> EngineError {
+        if let EngineError::Failed { reason, .. } = &error {
+            let mut health = self.health.write();
+            if *health == Health::Ok {
+                *health = Health::Failed(reason.clone());
+                tracing::error!(group = %self.name, %reason, "corruption found; the group refuses writes");
+                self.events
+                    .event(EngineEvent::GroupFailed { group: self.name.clone(), reason: reason.clone() });
+            }
+        }
+        error
     }
 
     /// Stop the group after a failed fsync: the page cache can no longer be trusted.
@@ -454,7 +474,7 @@ impl Group {
             }
             st.plan_read(volume, offset, buf.len() as u64, at, &self.name)?
         };
-        execute_read(&pieces, buf, &self.name)
+        execute_read(&pieces, buf, &self.name).map_err(|e| self.fail_on_corruption(e))
     }
 
     fn read_unaligned(
@@ -655,7 +675,7 @@ impl Group {
             drop(st);
             self.sync_through(through)?;
             let mut st = self.state.lock();
-            self.apply_to_base(&mut st, through, Some(next.index))?;
+            self.apply_to_base(&mut st, through, Some(next.index)).map_err(|e| self.fail_on_corruption(e))?;
             if over_limit && !expired {
                 let info = st.point_info(through);
                 self.events.event(EngineEvent::HistoryTrimmed {

@@ -387,6 +387,7 @@ impl Engine {
                 let (state, state_reason) = match g.health() {
                     Health::Ok => ("ok".to_string(), None),
                     Health::Poisoned(r) => ("poisoned".to_string(), Some(r)),
+                    Health::Failed(r) => ("failed".to_string(), Some(r)),
                 };
                 GroupInfo {
                     name: name.into(),
