@@ -12,6 +12,10 @@ fn site_with_volume(dir: &tempfile::TempDir, size: &str) -> Site {
 fn qemu_io(site: &Site, export: &str, commands: &[&str]) -> String {
     let uri = site.uri(export);
     let mut args = vec!["-f", "raw"];
+    // Image exports are read-only; qemu-io must open them so.
+    if export.contains('/') {
+        args.push("-r");
+    }
     for c in commands {
         args.push("-c");
         args.push(c);

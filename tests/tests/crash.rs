@@ -10,7 +10,7 @@ use tidemark_tests::{pseudo_random, run_ok, Site};
 const BLOCK: usize = 4096;
 const BLOCKS: u64 = 1024;
 /// Crash rounds in the default test run.
-const ROUNDS: usize = 12;
+const ROUNDS: usize = 25;
 
 fn block_of(k: u64) -> u64 {
     k.wrapping_mul(2_654_435_761) % BLOCKS
@@ -56,7 +56,7 @@ fn kill_9_during_writes_keeps_every_flushed_write_and_a_prefix_of_history() {
                 break;
             }
             acked = k;
-            if k % flush_every == 0 {
+            if k.is_multiple_of(flush_every) {
                 if client.flush().is_err() {
                     break;
                 }
@@ -83,6 +83,7 @@ fn kill_9_during_writes_keeps_every_flushed_write_and_a_prefix_of_history() {
             }
         }
         let newest = found.values().copied().max().unwrap_or(0);
+        eprintln!("round {round}: sent {} writes, acked through {acked}, flushed through {flushed_upto}, newest present {newest}", sent.len());
         assert!(
             newest >= flushed_upto,
             "round {round}: flushed write {flushed_upto} lost; newest present is {newest}"

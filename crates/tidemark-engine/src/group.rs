@@ -379,7 +379,7 @@ impl Group {
         let meta = st.volume(volume, &self.name)?.meta.clone();
         check_range(&meta, offset, data.len() as u64)?;
         let bs = u64::from(meta.block_size_bytes);
-        if offset % bs == 0 && data.len() as u64 % bs == 0 {
+        if offset.is_multiple_of(bs) && (data.len() as u64).is_multiple_of(bs) {
             return self.append_aligned(&mut st, &meta, offset, data);
         }
         // Read-modify-write of the partial edge blocks, under the lock so that concurrent
@@ -468,7 +468,7 @@ impl Group {
             let meta = st.volume(volume, &self.name)?.meta.clone();
             check_range(&meta, offset, buf.len() as u64)?;
             let bs = u64::from(meta.block_size_bytes);
-            if offset % bs != 0 || buf.len() as u64 % bs != 0 {
+            if !offset.is_multiple_of(bs) || !(buf.len() as u64).is_multiple_of(bs) {
                 drop(st);
                 return self.read_unaligned(volume, bs, offset, buf, at);
             }

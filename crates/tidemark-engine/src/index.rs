@@ -44,7 +44,7 @@ impl Version {
 
     /// The journal position of the bytes (segment, byte offset); `None` for zero versions.
     pub fn location(&self) -> Option<Location> {
-        (!self.is_zero()).then(|| Location {
+        (!self.is_zero()).then_some(Location {
             segment: self.loc >> Self::OFFSET_BITS,
             offset: self.loc & ((1 << Self::OFFSET_BITS) - 1),
         })

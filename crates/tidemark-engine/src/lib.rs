@@ -267,13 +267,12 @@ impl Engine {
         let weak = Arc::downgrade(self);
         let handle = std::thread::Builder::new()
             .name("tidemark-maintenance".into())
-            .spawn(move || loop {
-                match rx.recv_timeout(interval) {
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    _ => break,
+            .spawn(move || {
+                // A message or a closed channel means stop; a timeout means another round.
+                while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(interval) {
+                    let Some(engine) = weak.upgrade() else { break };
+                    engine.maintain();
                 }
-                let Some(engine) = weak.upgrade() else { break };
-                engine.maintain();
             })
             .expect("spawn the maintenance thread");
         *self.maintenance.lock() = Some((tx, handle));
@@ -808,7 +807,9 @@ pub fn validate_name(kind: &'static str, name: &str) -> Result<()> {
 }
 
 fn validate_size(size_bytes: u64, block_size_bytes: u32) -> Result<()> {
-    if size_bytes == 0 || size_bytes > VOLUME_SIZE_BYTES_MAX || size_bytes % u64::from(block_size_bytes) != 0
+    if size_bytes == 0
+        || size_bytes > VOLUME_SIZE_BYTES_MAX
+        || !size_bytes.is_multiple_of(u64::from(block_size_bytes))
     {
         return Err(EngineError::InvalidArgument(format!(
             "volume size {size_bytes} must be a non-zero multiple of the block size ({block_size_bytes}) up to 64 TiB"

@@ -210,8 +210,7 @@ impl Journal {
         let Some((&first_index, first)) = segments.iter().next() else {
             return Err(JournalError::Missing(storage.describe("")));
         };
-        let mut expected = first_index;
-        for &index in segments.keys() {
+        for (expected, &index) in (first_index..).zip(segments.keys()) {
             if index != expected {
                 return Err(JournalError::Corrupt {
                     file: storage.describe(&segment_name(expected)),
@@ -219,7 +218,6 @@ impl Journal {
                     reason: "segment missing from the middle of the journal".into(),
                 });
             }
-            expected += 1;
         }
         let (mut location, mut next_seq, mut chain) = match resume {
             Some(r) => (r.location, r.next_seq, r.chain),
@@ -243,8 +241,7 @@ impl Journal {
         let mut report = RecoveryReport::default();
         let mut last_time = UnixNanos(0);
         let newest = *segments.keys().next_back().unwrap_or(&first_index);
-        loop {
-            let Some(segment) = segments.get(&location.segment) else { break };
+        while let Some(segment) = segments.get(&location.segment) {
             let name = segment_name(location.segment);
             // Entering a segment: its header must continue the history exactly.
             if location.offset == SEGMENT_HEADER_BYTES && segment.first_seq != next_seq {

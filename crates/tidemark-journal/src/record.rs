@@ -162,11 +162,12 @@ impl RecordHeader {
         if bytes[0..4] != RECORD_MAGIC {
             return Err("bad record magic");
         }
-        let u32_at = |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+        // Fixed offsets inside a fixed-size array: `get` cannot fail, but stays panic-free.
+        let u32_at = |o: usize| {
+            u32::from_le_bytes(bytes.get(o..o + 4).and_then(|b| b.try_into().ok()).unwrap_or_default())
+        };
         let u64_at = |o: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&bytes[o..o + 8]);
-            u64::from_le_bytes(b)
+            u64::from_le_bytes(bytes.get(o..o + 8).and_then(|b| b.try_into().ok()).unwrap_or_default())
         };
         let header = RecordHeader {
             total_len: u32_at(4),

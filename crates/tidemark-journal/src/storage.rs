@@ -17,6 +17,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// One open file.
+#[allow(clippy::len_without_is_empty)] // A file's length is a size, not a collection's.
 pub trait StorageFile: Send + Sync {
     /// Read exactly `buf.len()` bytes at `offset`; reading past the end is an `UnexpectedEof` error.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;

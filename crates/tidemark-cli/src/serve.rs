@@ -1,0 +1,63 @@
+//! `tidemark serve`: run a site in the foreground until SIGINT or SIGTERM.
+
+use std::io::{IsTerminal, Write};
+
+use anyhow::{Context, Result};
+use tidemark_site::{Config, Overrides, Site};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing_subscriber::EnvFilter;
+
+use crate::{Cli, ServeArgs};
+
+/// Load the config, apply flags, start the site, print its listeners and serve until a signal.
+pub fn run(cli: &Cli, args: &ServeArgs) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+
+    let mut config = Config::load(cli.config.as_deref())?;
+    config.apply(Overrides {
+        name: args.name.clone(),
+        data_dir: cli.data_dir.clone(),
+        nbd_listen: args.nbd_listen,
+        api_listen: args.api_listen,
+    })?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tidemark")
+        .build()
+        .context("start async runtime")?;
+    runtime.block_on(async move {
+        // Signal handlers go in before anything starts, so a signal during start-up is not lost.
+        let mut interrupt = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+        let mut terminate = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+
+        let site = Site::start(config).await?;
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "nbd listening on {}", site.nbd_addr()).context("write to stdout")?;
+        writeln!(stdout, "api listening on http://{}", site.api_addr()).context("write to stdout")?;
+        stdout.flush().context("write to stdout")?;
+        drop(stdout);
+        tracing::info!(
+            site = %site.config().site.name,
+            data_dir = %site.config().site.data_dir.display(),
+            token = %site.token_path().display(),
+            nbd = %site.nbd_addr(),
+            api = %site.api_addr(),
+            "site started"
+        );
+
+        site.run(async move {
+            tokio::select! {
+                _ = interrupt.recv() => tracing::info!("SIGINT received"),
+                _ = terminate.recv() => tracing::info!("SIGTERM received"),
+            }
+        })
+        .await?;
+        tracing::info!("site stopped cleanly");
+        Ok(())
+    })
+}
