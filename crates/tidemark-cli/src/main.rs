@@ -180,7 +180,13 @@ pub struct RollbackArgs {
     /// Group name.
     pub group: String,
     /// Point to go back to: RFC 3339 time, -DURATION (-5m), bookmark:NAME, seq:N or latest.
-    #[arg(long, value_name = "POINT", required_unless_present = "undo", conflicts_with = "undo")]
+    #[arg(
+        long,
+        value_name = "POINT",
+        required_unless_present = "undo",
+        conflicts_with = "undo",
+        allow_hyphen_values = true
+    )]
     pub to: Option<String>,
     /// Undo the group's last rollback.
     #[arg(long)]
@@ -198,7 +204,7 @@ pub enum ImageCommand {
         /// Group name.
         group: String,
         /// Point to show: RFC 3339 time, -DURATION, bookmark:NAME, seq:N or latest.
-        #[arg(long, value_name = "POINT")]
+        #[arg(long, value_name = "POINT", allow_hyphen_values = true)]
         at: String,
         /// Image name.
         #[arg(long, value_name = "NAME")]
@@ -243,6 +249,16 @@ mod tests {
         assert!(Cli::try_parse_from(["tidemark", "rollback", "g", "--to", "latest", "--undo"]).is_err());
         let cli = Cli::try_parse_from(["tidemark", "rollback", "g", "--undo", "--yes"]).expect("undo");
         assert!(matches!(cli.command, Command::Rollback(RollbackArgs { undo: true, yes: true, .. })));
+    }
+
+    /// Regression: relative points (`-5m`) were taken for unknown flags.
+    #[test]
+    fn relative_points_are_values_not_flags() {
+        let cli =
+            Cli::try_parse_from(["tidemark", "rollback", "g", "--to", "-5m", "--yes"]).expect("rollback");
+        assert!(matches!(cli.command, Command::Rollback(RollbackArgs { to: Some(ref t), .. }) if t == "-5m"));
+        Cli::try_parse_from(["tidemark", "image", "create", "g", "--at", "-1s", "--name", "i"])
+            .expect("image");
     }
 
     #[test]

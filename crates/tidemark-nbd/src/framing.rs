@@ -129,6 +129,58 @@ mod tests {
         assert_eq!(read_header_or_stop(&mut server, &mut buf, &mut stop).await.unwrap(), HeaderRead::Stopped);
     }
 
+    /// Hands out two bytes, then signals a stop and never delivers more.
+    struct StopsMidHeader {
+        delivered: bool,
+        stopper: watch::Sender<bool>,
+    }
+
+    impl AsyncRead for StopsMidHeader {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            if self.delivered {
+                self.stopper.send_replace(true);
+                return std::task::Poll::Pending;
+            }
+            self.delivered = true;
+            buf.put_slice(&[1, 2]);
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    // Regression: a stop used to be honoured only before a header's first byte, so a client
+    // that sent half a header and stalled held up a shutdown forever.
+    #[tokio::test]
+    async fn a_stop_interrupts_a_half_received_header() {
+        let (stopper, mut stop) = watch::channel(false);
+        let mut reader = StopsMidHeader { delivered: false, stopper };
+        let mut buf = [0u8; 4];
+        let reading = read_header_or_stop(&mut reader, &mut buf, &mut stop);
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), reading)
+            .await
+            .expect("the stop ends the read")
+            .unwrap();
+        assert_eq!(read, HeaderRead::Stopped);
+        assert_eq!(buf[..2], [1, 2], "the stop came after part of the header");
+    }
+
+    #[tokio::test]
+    async fn unless_stopped_abandons_a_stalled_read_and_passes_results_through() {
+        let (_client, mut server) = tokio::io::duplex(64);
+        let (stopper, mut stop) = watch::channel(false);
+        stopper.send(true).unwrap();
+        let mut buf = [0u8; 8];
+        let read = unless_stopped(&mut stop, server.read_exact(&mut buf)).await;
+        assert!(read.unwrap().is_none());
+
+        let (_, mut running) = watch::channel(false);
+        let done = unless_stopped(&mut running, async { Ok(7) }).await;
+        assert_eq!(done.unwrap(), Some(7));
+    }
+
     #[tokio::test]
     async fn discard_consumes_exactly_the_payload() {
         // The payload is larger than the pipe, so the writer runs beside the reader.
