@@ -66,9 +66,14 @@ pub struct VolumeState {
     pub base: Arc<BaseImage>,
 }
 
-/// Everything behind the group lock.
+/// Everything behind the group lock: the journal and the tables built from it.
 pub struct GroupState {
     journal: Journal,
+    tables: Tables,
+}
+
+/// The state built from the journal's records (by [`Tables::apply`]), plus the control file.
+pub struct Tables {
     control: ControlState,
     volumes: BTreeMap<VolumeId, VolumeState>,
     index: HashMap<VolumeId, VolumeIndex>,
@@ -79,6 +84,21 @@ pub struct GroupState {
     times_first_seq: Seq,
     records_since_checkpoint: u64,
     storage: Arc<dyn Storage>,
+}
+
+// The group's code reads the tables through the state (`st.volumes`) as if they were one
+// struct; the split exists so that replay can fill the tables before the journal is open.
+impl std::ops::Deref for GroupState {
+    type Target = Tables;
+    fn deref(&self) -> &Tables {
+        &self.tables
+    }
+}
+
+impl std::ops::DerefMut for GroupState {
+    fn deref_mut(&mut self) -> &mut Tables {
+        &mut self.tables
+    }
 }
 
 /// One protection group.
@@ -141,18 +161,7 @@ impl Group {
         ))?;
         let journal =
             Journal::create(storage.clone(), id, journal_config(&options), Seq(1), genesis_chain(id))?;
-        let state = GroupState {
-            journal,
-            control,
-            volumes: BTreeMap::new(),
-            index: HashMap::new(),
-            bookmarks: Vec::new(),
-            rollbacks: Vec::new(),
-            times: VecDeque::new(),
-            times_first_seq: Seq(1),
-            records_since_checkpoint: 0,
-            storage: storage.clone(),
-        };
+        let state = GroupState { journal, tables: Tables::new(control, storage.clone()) };
         Ok(Group::assemble(name, id, options, state, clock, events, storage))
     }
 
@@ -192,26 +201,7 @@ impl Group {
         };
         let checkpoint = checkpoint
             .filter(|c| c.resume.next_seq.0 > control.base_applied.0 && segment_exists(c.resume.location));
-        let mut state = GroupState {
-            // Replaced below once the journal is open; a placeholder needs a journal, so the
-            // state is built from parts instead.
-            journal: Journal::create(
-                Arc::new(tidemark_journal::storage::SimStorage::new()),
-                id,
-                JournalConfig::default(),
-                Seq(1),
-                genesis_chain(id),
-            )?,
-            control: control.clone(),
-            volumes: BTreeMap::new(),
-            index: HashMap::new(),
-            bookmarks: Vec::new(),
-            rollbacks: Vec::new(),
-            times: VecDeque::new(),
-            times_first_seq: Seq(control.horizon.0 + 1),
-            records_since_checkpoint: 0,
-            storage: storage.clone(),
-        };
+        let mut state = Tables::new(control.clone(), storage.clone());
         let resume = match &checkpoint {
             Some(c) => {
                 for meta in &c.volumes {
@@ -240,9 +230,9 @@ impl Group {
                     state.times_first_seq = record.seq;
                     first = false;
                 }
-                state.apply(record, location, None).map_err(|e| JournalError::Invalid(e.to_string()))
+                state.apply(record, location).map_err(|e| JournalError::Invalid(e.to_string()))
             })?;
-        state.journal = journal;
+        let mut state = GroupState { journal, tables: state };
         if let Some((segment, offset, bytes)) = report.torn_tail {
             events.event(EngineEvent::TornTailTruncated { group: name.into(), segment, offset, bytes });
         }
@@ -252,7 +242,8 @@ impl Group {
             let blocks: Vec<u64> = index.iter().map(|(b, _)| b).collect();
             index.take_through(blocks, applied);
         }
-        state.bookmarks.retain(|b| b.seq > state.control.horizon);
+        let horizon = state.control.horizon;
+        state.bookmarks.retain(|b| b.seq > horizon);
         let mut group = Group::assemble(name, id, options, state, clock, events, storage);
         group.records_replayed = report.records_scanned;
         {
@@ -357,7 +348,7 @@ impl Group {
             checksum: [0; 16],
             chain: appended.chain,
         };
-        st.apply(&record, appended.location, None)?;
+        st.apply(&record, appended.location)?;
         Ok(appended.seq)
     }
 
@@ -967,7 +958,21 @@ fn execute_read(pieces: &[Piece], buf: &mut [u8], group: &str) -> Result<()> {
     Ok(())
 }
 
-impl GroupState {
+impl Tables {
+    fn new(control: ControlState, storage: Arc<dyn Storage>) -> Tables {
+        Tables {
+            times_first_seq: Seq(control.horizon.0 + 1),
+            control,
+            volumes: BTreeMap::new(),
+            index: HashMap::new(),
+            bookmarks: Vec::new(),
+            rollbacks: Vec::new(),
+            times: VecDeque::new(),
+            records_since_checkpoint: 0,
+            storage,
+        }
+    }
+
     fn volume(&self, id: VolumeId, group: &str) -> Result<&VolumeState> {
         self.volumes
             .get(&id)
@@ -1009,7 +1014,7 @@ impl GroupState {
     }
 
     /// Apply one record to the in-memory state. The single path for live appends and replay.
-    fn apply(&mut self, record: &Record, location: Location, _crcs: Option<&[u32]>) -> Result<()> {
+    fn apply(&mut self, record: &Record, location: Location) -> Result<()> {
         match &record.body {
             RecordBody::Write { volume, offset, data } => {
                 let bs = self.volumes.get(volume).map_or(4096, |v| v.meta.block_size_bytes as usize);
@@ -1145,7 +1150,9 @@ impl GroupState {
     fn point_info(&self, seq: Seq) -> PointInfo {
         PointInfo { seq: seq.0, time: self.time_of(seq).rfc3339() }
     }
+}
 
+impl GroupState {
     fn resolve(&self, point: &Point, now: UnixNanos, group: &str) -> Result<Seq> {
         let oldest = self.control.horizon;
         let newest = self.journal.last_seq();
