@@ -254,34 +254,19 @@ impl Journal {
                     ),
                 });
             }
-            match read_record_at(&*segment.file, location.offset, segment.len) {
+            // One outcome for both ways a record can fail: unreadable bytes, or bytes that do
+            // not decode and chain.
+            let outcome = read_record_at(&*segment.file, location.offset, segment.len)
+                .and_then(|bytes| bytes.map(|b| record::decode(&b, Some(&chain))).transpose());
+            match outcome {
+                Ok(Some(rec)) if rec.seq != next_seq => {
+                    return Err(JournalError::Corrupt {
+                        file: storage.describe(&name),
+                        offset: location.offset,
+                        reason: format!("record has seq {} where seq {} was expected", rec.seq.0, next_seq.0),
+                    });
+                }
                 Ok(Some(rec)) => {
-                    let rec = match record::decode(&rec, Some(&chain)) {
-                        Ok(r) if r.seq == next_seq => r,
-                        Ok(r) => {
-                            return Err(JournalError::Corrupt {
-                                file: storage.describe(&name),
-                                offset: location.offset,
-                                reason: format!(
-                                    "record has seq {} where seq {} was expected",
-                                    r.seq.0, next_seq.0
-                                ),
-                            })
-                        }
-                        Err(e) => {
-                            Self::handle_bad_record(
-                                &storage,
-                                segment,
-                                &name,
-                                location,
-                                newest,
-                                next_seq,
-                                e,
-                                &mut report,
-                            )?;
-                            break;
-                        }
-                    };
                     visit(&rec, location)?;
                     report.records_scanned += 1;
                     location.offset += (HEADER_BYTES + payload_len(&rec.body) + TRAILER_BYTES) as u64;
