@@ -20,6 +20,8 @@ pub const RECORD_MAGIC: [u8; 4] = *b"TMR1";
 pub const HEADER_BYTES: usize = 64;
 /// Bytes after the payload: checksum (16) and chain (32).
 pub const TRAILER_BYTES: usize = 48;
+/// Offset of the durable-lag field in the header; it is excluded from the content hash.
+const DURABLE_LAG_OFFSET: usize = 60;
 /// Largest payload one record may carry (a 32 MiB NBD write fits in one record).
 pub const PAYLOAD_BYTES_MAX: usize = 32 << 20;
 
@@ -122,7 +124,7 @@ pub struct Record {
     pub time: UnixNanos,
     /// What it does.
     pub body: RecordBody,
-    /// Checksum of header and payload.
+    /// Content hash of header and payload (the same at every site that holds this record).
     pub checksum: [u8; 16],
     /// Running hash chain after this record.
     pub chain: ChainHash,
@@ -270,8 +272,8 @@ fn encode_parts(
     out.extend_from_slice(&durable_lag.to_le_bytes());
     debug_assert_eq!(out.len(), HEADER_BYTES);
     out.extend_from_slice(payload);
-    let checksum = checksum_of(out);
-    let chain = chain_next(prev_chain, &checksum);
+    let (content, checksum) = hashes_of(out);
+    let chain = chain_next(prev_chain, &content);
     out.extend_from_slice(&checksum);
     out.extend_from_slice(&chain.0);
     chain
@@ -287,14 +289,14 @@ pub fn decode(bytes: &[u8], prev_chain: Option<&ChainHash>) -> Result<Record, De
     let record = bytes.get(..total).ok_or(DecodeError::Truncated)?;
     let (covered, trailer) = record.split_at(body_end);
     let (stored_checksum, stored_chain) = trailer.split_at(16);
-    let checksum = checksum_of(covered);
+    let (content, checksum) = hashes_of(covered);
     if checksum != stored_checksum {
         return Err(DecodeError::ChecksumMismatch);
     }
     let mut chain = ChainHash([0; 32]);
     chain.0.copy_from_slice(stored_chain);
     if let Some(prev) = prev_chain {
-        if chain_next(prev, &checksum) != chain {
+        if chain_next(prev, &content) != chain {
             return Err(DecodeError::ChainMismatch);
         }
     }
@@ -317,7 +319,14 @@ pub fn decode(bytes: &[u8], prev_chain: Option<&ChainHash>) -> Result<Record, De
                 .map_err(|_| DecodeError::Malformed("undecodable control payload"))?,
         ),
     };
-    Ok(Record { seq: header.seq, generation: header.generation, time: header.time, body, checksum, chain })
+    Ok(Record {
+        seq: header.seq,
+        generation: header.generation,
+        time: header.time,
+        body,
+        checksum: content,
+        chain,
+    })
 }
 
 /// Why bytes are not a valid record.
@@ -343,7 +352,33 @@ impl From<DecodeError> for JournalError {
     }
 }
 
-/// Checksum of a record's header and payload: blake3, truncated to 16 bytes.
+/// The two hashes of an encoded record's header and payload (`bytes`):
+///
+/// - the *content hash*: blake3 of the header with the durable-lag field zeroed, and the payload,
+///   first 16 bytes. It depends only on what the record says, so two sites holding the same
+///   history compute the same chain, which is how partners compare histories;
+/// - the *checksum*: blake3 of the content hash and the durable-lag field, first 16 bytes,
+///   stored in the record. It protects every byte, the site-local lag included.
+pub fn hashes_of(bytes: &[u8]) -> ([u8; 16], [u8; 16]) {
+    let lag = bytes.get(DURABLE_LAG_OFFSET..HEADER_BYTES).unwrap_or_default();
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(bytes.get(..DURABLE_LAG_OFFSET).unwrap_or_default());
+    hasher.update(&[0; HEADER_BYTES - DURABLE_LAG_OFFSET]);
+    hasher.update(bytes.get(HEADER_BYTES..).unwrap_or_default());
+    let content = truncate16(hasher.finalize().as_bytes());
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&content);
+    hasher.update(lag);
+    (content, truncate16(hasher.finalize().as_bytes()))
+}
+
+fn truncate16(hash: &[u8; 32]) -> [u8; 16] {
+    let mut out = [0; 16];
+    out.copy_from_slice(&hash[..16]);
+    out
+}
+
+/// Checksum of a block of bytes (segment headers): blake3, truncated to 16 bytes.
 pub fn checksum_of(bytes: &[u8]) -> [u8; 16] {
     let hash = blake3::hash(bytes);
     let mut out = [0; 16];

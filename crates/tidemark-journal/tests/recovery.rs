@@ -198,3 +198,27 @@ fn unsynced_records_after_a_torn_one_are_a_tail_not_corruption() {
     assert_eq!(seen.len(), 1);
     assert_eq!(report.torn_tail.map(|t| t.1), Some(torn_at.offset));
 }
+
+/// Partners compare chain hashes to detect divergence, so a record's chain must not depend on
+/// site-local bookkeeping (how far behind the durable point it was written).
+#[test]
+fn the_chain_depends_on_content_not_on_local_durability() {
+    use tidemark_journal::record::{encode, RecordMeta};
+    let meta = |durable| RecordMeta {
+        seq: Seq(9),
+        generation: Generation(1),
+        time: UnixNanos(5),
+        durable: Seq(durable),
+    };
+    let prev = genesis_chain(GROUP);
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    let chain_a = encode(meta(8), &write(1), &prev, &mut a);
+    let chain_b = encode(meta(1), &write(1), &prev, &mut b);
+    assert_ne!(a, b, "the durable lag is stored");
+    assert_eq!(chain_a, chain_b);
+    let chain_c = encode(meta(8), &write(2), &prev, &mut b);
+    assert_ne!(chain_a, chain_c);
+    // Damage to the lag field is still caught.
+    a[61] ^= 1;
+    assert!(tidemark_journal::record::decode(&a, Some(&prev)).is_err());
+}
