@@ -59,6 +59,21 @@ pub enum EngineError {
         /// What was found, with file and offset.
         reason: String,
     },
+    /// The group is a secondary here: its history comes from the primary, so hosts and
+    /// operators cannot change it until it is promoted.
+    #[error("group {group:?} is a secondary at this site: it refuses writes, rollbacks and volume changes until it is promoted")]
+    NotPrimary {
+        /// Group name.
+        group: String,
+    },
+    /// The partner's history differs from ours: replication of the group stops.
+    #[error("group {group:?} diverged from its partner: {reason}")]
+    Diverged {
+        /// Group name.
+        group: String,
+        /// Where and how.
+        reason: String,
+    },
     /// The export is read-only.
     #[error("export {0:?} is read-only")]
     ReadOnly(String),

@@ -13,8 +13,8 @@ use parking_lot::{Mutex, RwLock};
 use tidemark_journal::record::HEADER_BYTES;
 use tidemark_journal::storage::{Storage, StorageFile};
 use tidemark_journal::{
-    genesis_chain, Control, Generation, Journal, JournalConfig, JournalError, Location, Record, RecordBody,
-    Seq, UnixNanos, VolumeId, ZeroMode,
+    genesis_chain, ChainHash, Control, Generation, Journal, JournalConfig, JournalError, Location,
+    RawRecords, Record, RecordBody, Seq, UnixNanos, VolumeId, ZeroMode,
 };
 
 use crate::base::BaseImage;
@@ -136,12 +136,26 @@ fn io_err(
 }
 
 impl Group {
-    /// Create a new, empty group in `storage`.
+    /// Create a new, empty primary group in `storage`.
     pub fn create(
         storage: Arc<dyn Storage>,
         id: u64,
         name: &str,
         options: GroupOptions,
+        clock: Arc<dyn Clock>,
+        events: Arc<dyn EventSink>,
+    ) -> Result<Group> {
+        Group::create_as(storage, id, name, options, (Role::Primary, 1), clock, events)
+    }
+
+    /// Create a new, empty group with a role and generation: a secondary takes the primary's
+    /// id (it seeds the chain) and receives its history by replication.
+    pub fn create_as(
+        storage: Arc<dyn Storage>,
+        id: u64,
+        name: &str,
+        options: GroupOptions,
+        (role, generation): (Role, u64),
         clock: Arc<dyn Clock>,
         events: Arc<dyn EventSink>,
     ) -> Result<Group> {
@@ -151,8 +165,8 @@ impl Group {
             horizon_time: clock.now(),
             base_applied: Seq(0),
             volumes: Vec::new(),
-            role: Role::Primary,
-            generation: 1,
+            role,
+            generation,
         };
         write_framed(&*storage, CONTROL_FILE, CONTROL_MAGIC, &control).map_err(io_err(
             "write control file",
@@ -293,6 +307,24 @@ impl Group {
     }
 
     fn check_writable(&self) -> Result<()> {
+        self.check_healthy()?;
+        if self.role() != Role::Primary {
+            return Err(EngineError::NotPrimary { group: self.name.clone() });
+        }
+        Ok(())
+    }
+
+    /// The group's role at this site.
+    pub fn role(&self) -> Role {
+        self.state.lock().control.role
+    }
+
+    /// The primary generation this site knows.
+    pub fn generation(&self) -> u64 {
+        self.state.lock().control.generation
+    }
+
+    fn check_healthy(&self) -> Result<()> {
         match &*self.health.read() {
             Health::Ok => Ok(()),
             Health::Poisoned(reason) => {
@@ -502,7 +534,7 @@ impl Group {
         if self.durable_seq.load(Ordering::Acquire) >= target.0 {
             return Ok(());
         }
-        self.check_writable()?;
+        self.check_healthy()?;
         let Some(ticket) = self.state.lock().journal.sync_ticket() else { return Ok(()) };
         match ticket.sync() {
             Ok(()) => {
@@ -511,6 +543,67 @@ impl Group {
             }
             Err(e) => Err(self.poison(format!("fdatasync of the journal failed: {e}"))),
         }
+    }
+
+    /// Where the group's history stands, for the replication handshake.
+    pub fn position(&self) -> Position {
+        let st = self.state.lock();
+        Position {
+            group_id: self.id,
+            generation: st.control.generation,
+            first_seq: st.journal.first_seq(),
+            last_seq: st.journal.last_seq(),
+            chain: st.journal.chain(),
+            durable_seq: self.durable_seq(),
+        }
+    }
+
+    /// The chain hash after `seq`; `None` when the journal no longer holds it.
+    pub fn chain_at(&self, seq: Seq) -> Result<Option<ChainHash>> {
+        Ok(self.state.lock().journal.chain_at(seq)?)
+    }
+
+    /// Where record `seq` starts in the journal.
+    pub fn locate(&self, seq: Seq) -> Result<Location> {
+        Ok(self.state.lock().journal.locate(seq)?)
+    }
+
+    /// Read records from `from` (where seq `first` starts) for shipping, at most `bytes_max`
+    /// bytes, and never past the newest durable record: a primary that loses power must never
+    /// find its partner ahead of it. The read happens outside the group lock.
+    pub fn read_for_shipping(&self, from: Location, first: Seq, bytes_max: u64) -> Result<RawRecords> {
+        let reader = self.state.lock().journal.reader();
+        Ok(reader.read(from, first, self.durable_seq(), bytes_max)?)
+    }
+
+    /// Append and apply records received from the primary, in order. Each must continue this
+    /// journal's chain exactly, or nothing more is written and the group has diverged. Returns
+    /// the last seq; the caller makes it durable (flush) before acknowledging.
+    pub fn apply_replicated(&self, records: &[Record]) -> Result<Seq> {
+        self.check_healthy()?;
+        let mut st = self.state.lock();
+        if st.control.role != Role::Secondary {
+            return Err(EngineError::Conflict(format!(
+                "group {:?} is primary here; it does not accept a partner's records",
+                self.name
+            )));
+        }
+        let mut last = st.journal.last_seq();
+        for record in records {
+            let appended = match st.journal.append_replica(record) {
+                Ok(a) => a,
+                Err(JournalError::Diverged { seq, .. }) => {
+                    return Err(EngineError::Diverged {
+                        group: self.name.clone(),
+                        reason: format!("the primary's record {seq} does not continue this site's history"),
+                    })
+                }
+                Err(e) => return self.journal_result(Err(e)),
+            };
+            st.apply(record, appended.location)?;
+            last = appended.seq;
+        }
+        Ok(last)
     }
 
     /// Seq of the newest durable record.
@@ -858,6 +951,23 @@ impl Group {
             index_versions: st.index.values().map(|i| i.version_count() as u64).sum(),
         }
     }
+}
+
+/// A group's place in history, for replication.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    /// Group id.
+    pub group_id: u64,
+    /// Primary generation known here.
+    pub generation: u64,
+    /// Oldest seq the journal holds.
+    pub first_seq: Seq,
+    /// Newest seq in the journal.
+    pub last_seq: Seq,
+    /// Chain hash after `last_seq`.
+    pub chain: ChainHash,
+    /// Newest durable seq.
+    pub durable_seq: Seq,
 }
 
 /// Numbers `group show` reports.

@@ -366,6 +366,45 @@ impl Engine {
         Ok(self.group_info(name, &GroupSlot::Open(group)))
     }
 
+    /// Create the secondary copy of a partner's group: same id (it seeds the hash chain), no
+    /// volumes yet (they arrive in-band), refusing host writes until promoted.
+    pub fn create_secondary_group(
+        &self,
+        name: &str,
+        id: u64,
+        options: GroupOptions,
+        generation: u64,
+    ) -> Result<GroupInfo> {
+        validate_name("group", name)?;
+        let _admin = self.admin.lock();
+        if self.groups.read().contains_key(name) {
+            return Err(EngineError::AlreadyExists { kind: "group", name: name.into() });
+        }
+        let storage = self.storage.group(id).map_err(|source| EngineError::Io {
+            action: "create group directory",
+            path: name.into(),
+            source,
+        })?;
+        let group = Group::create_as(
+            storage,
+            id,
+            name,
+            options.clone(),
+            (persist::Role::Secondary, generation),
+            self.clock.clone(),
+            self.events.clone(),
+        )?;
+        self.catalog.put_group(&GroupRecord { id, name: name.into(), options })?;
+        let group = Arc::new(group);
+        self.groups.write().insert(name.into(), GroupSlot::Open(group.clone()));
+        Ok(self.group_info(name, &GroupSlot::Open(group)))
+    }
+
+    /// The group itself, for the site's replication tasks.
+    pub fn group_handle(&self, name: &str) -> Result<Arc<Group>> {
+        self.group_arc(name)
+    }
+
     /// Every group.
     pub fn groups(&self) -> Vec<GroupInfo> {
         self.groups.read().iter().map(|(name, slot)| self.group_info(name, slot)).collect()
@@ -400,6 +439,8 @@ impl Engine {
                     journal_bytes: s.journal_bytes,
                     state,
                     state_reason,
+                    role: role_name(g.role()).into(),
+                    generation: g.generation(),
                 }
             }
             GroupSlot::Failed { options, reason } => GroupInfo {
@@ -414,6 +455,8 @@ impl Engine {
                 journal_bytes: 0,
                 state: "failed".into(),
                 state_reason: Some(reason.clone()),
+                role: "unknown".into(),
+                generation: 0,
             },
         }
     }
@@ -645,7 +688,7 @@ impl Engine {
                 name: v.name,
                 size_bytes: v.size_bytes,
                 block_size_bytes: v.block_size_bytes,
-                read_only: false,
+                read_only: self.group_arc(&v.group).map_or(true, |g| g.role() != persist::Role::Primary),
             })
             .collect();
         for image in self.images.read().values() {
@@ -699,7 +742,9 @@ impl ExportHandle {
             description: self.name.clone(),
             size_bytes: meta.as_ref().map_or(0, |m| m.size_bytes),
             block_size_bytes: meta.as_ref().map_or(4096, |m| m.block_size_bytes),
-            read_only: self.image.as_ref().is_some_and(|i| i.record.mode == ImageMode::ReadOnly),
+            read_only: self.image.as_ref().map_or(self.group.role() != persist::Role::Primary, |i| {
+                i.record.mode == ImageMode::ReadOnly
+            }),
         }
     }
 
@@ -787,6 +832,13 @@ impl ExportHandle {
             .into_iter()
             .map(|(length_bytes, allocated, zero)| Extent { length_bytes, allocated, zero })
             .collect())
+    }
+}
+
+fn role_name(role: persist::Role) -> &'static str {
+    match role {
+        persist::Role::Primary => "primary",
+        persist::Role::Secondary => "secondary",
     }
 }
 

@@ -143,6 +143,10 @@ pub struct GroupInfo {
     pub state: String,
     /// Why the group is not `ok`, when it is not.
     pub state_reason: Option<String>,
+    /// `primary` (accepts host writes) or `secondary` (receives the primary's history).
+    pub role: String,
+    /// Fencing generation of the primary role, as known here.
+    pub generation: u64,
 }
 
 /// A volume as shown by `volume show`.

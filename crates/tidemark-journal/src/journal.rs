@@ -384,10 +384,41 @@ impl Journal {
         })
     }
 
+    /// Append a record received from a partner: the same seq, generation, time and content.
+    /// The chain it produces here must equal the partner's; that is checked before anything is
+    /// written, so a divergent record never enters the journal.
+    pub fn append_replica(&mut self, record: &Record) -> Result<Appended, JournalError> {
+        if record.seq != self.next_seq {
+            return Err(JournalError::Invalid(format!(
+                "replicated record has seq {} but seq {} is next here",
+                record.seq.0, self.next_seq.0
+            )));
+        }
+        if record.time < self.last_time {
+            return Err(JournalError::Invalid(format!(
+                "replicated record {} goes back in time",
+                record.seq.0
+            )));
+        }
+        self.append_checked(record.generation, record.time, Some(record.chain), |meta, prev, out| {
+            record::encode(meta, &record.body, prev, out)
+        })
+    }
+
     fn append_with(
         &mut self,
         generation: Generation,
         time: UnixNanos,
+        encode: impl FnOnce(RecordMeta, &ChainHash, &mut Vec<u8>) -> ChainHash,
+    ) -> Result<Appended, JournalError> {
+        self.append_checked(generation, time, None, encode)
+    }
+
+    fn append_checked(
+        &mut self,
+        generation: Generation,
+        time: UnixNanos,
+        expected_chain: Option<ChainHash>,
         encode: impl FnOnce(RecordMeta, &ChainHash, &mut Vec<u8>) -> ChainHash,
     ) -> Result<Appended, JournalError> {
         let seq = self.next_seq;
@@ -397,6 +428,10 @@ impl Journal {
         let meta = RecordMeta { seq, generation, time, durable: Seq(self.durable.load(Ordering::Acquire)) };
         let mut buf = std::mem::take(&mut self.encode_buf);
         let chain = encode(meta, &self.chain, &mut buf);
+        if let Some(expected) = expected_chain.filter(|e| *e != chain) {
+            self.encode_buf = buf;
+            return Err(JournalError::Diverged { seq: seq.0, ours: chain, theirs: expected });
+        }
         // Assertion for our own bugs: what we are about to write must read back as itself.
         debug_assert!(record::decode(&buf, Some(&self.chain)).is_ok());
         let (index, mut segment_len) = self.tail_segment();
@@ -471,6 +506,70 @@ impl Journal {
             visit(&record, location)?;
         }
         Ok(())
+    }
+
+    /// Where record `seq` starts. Scans the record headers of its segment (at most one
+    /// segment's worth of headers); replication keeps a cursor so it does this once per
+    /// connection, not per batch.
+    pub fn locate(&self, seq: Seq) -> Result<Location, JournalError> {
+        let (&index, segment) = self
+            .segments
+            .range(..)
+            .rev()
+            .find(|(_, s)| s.first_seq <= seq)
+            .ok_or_else(|| JournalError::Invalid(format!("seq {} is older than the journal", seq.0)))?;
+        if seq >= self.next_seq {
+            return Err(JournalError::Invalid(format!("seq {} is not in the journal yet", seq.0)));
+        }
+        let mut offset = SEGMENT_HEADER_BYTES;
+        let mut at = segment.first_seq;
+        while at < seq {
+            let mut head = [0u8; HEADER_BYTES];
+            segment.file.read_exact_at(&mut head, offset).map_err(|e| {
+                JournalError::io("read record header", self.storage.describe(&segment_name(index)), e)
+            })?;
+            let header = RecordHeader::decode(&head).map_err(|reason| JournalError::Corrupt {
+                file: self.storage.describe(&segment_name(index)),
+                offset,
+                reason: reason.into(),
+            })?;
+            offset += u64::from(header.total_len);
+            at = Seq(at.0 + 1);
+        }
+        Ok(Location { segment: index, offset })
+    }
+
+    /// The chain hash after record `seq` (`seq` may be the one before the oldest record held);
+    /// `None` when the journal no longer reaches back that far.
+    pub fn chain_at(&self, seq: Seq) -> Result<Option<ChainHash>, JournalError> {
+        if seq == self.last_seq() {
+            return Ok(Some(self.chain));
+        }
+        if seq > self.last_seq() {
+            return Ok(None);
+        }
+        if let Some((&index, first)) = self.segments.iter().find(|(_, s)| s.first_seq.0 == seq.0 + 1) {
+            // The chain before a segment's first record is in the segment's header.
+            return read_segment_header(&*first.file, self.group_id).map(|(_, chain)| Some(chain)).map_err(
+                |reason| JournalError::Corrupt {
+                    file: self.storage.describe(&segment_name(index)),
+                    offset: 0,
+                    reason,
+                },
+            );
+        }
+        if seq < self.first_seq() {
+            return Ok(None);
+        }
+        Ok(Some(self.read_record(self.locate(seq)?)?.chain))
+    }
+
+    /// A view of the segment files for reading records outside the group lock.
+    pub fn reader(&self) -> JournalReader {
+        JournalReader {
+            segments: self.segments.iter().map(|(&i, s)| (i, s.file.clone(), s.len)).collect(),
+            storage: self.storage.clone(),
+        }
     }
 
     /// Delete every segment older than `index` (their records are no longer needed).
@@ -568,6 +667,80 @@ impl Journal {
         self.storage.sync_dir().map_err(|e| JournalError::SyncFailed(e.to_string()))?;
         self.segments.insert(index, Segment { file, first_seq: self.next_seq, len: SEGMENT_HEADER_BYTES });
         Ok(())
+    }
+}
+
+/// Encoded records read for shipping.
+#[derive(Debug)]
+pub struct RawRecords {
+    /// The records' bytes, concatenated, exactly as in the journal.
+    pub bytes: Vec<u8>,
+    /// Seq of the first record.
+    pub first: Seq,
+    /// Seq of the last record.
+    pub last: Seq,
+    /// Where the record after `last` starts.
+    pub next: Location,
+}
+
+/// Segment files captured under the group lock, read without it. Records appended later are
+/// not seen; segments removed later stay readable (their files are open).
+pub struct JournalReader {
+    segments: Vec<(u64, Arc<dyn StorageFile>, u64)>,
+    storage: Arc<dyn Storage>,
+}
+
+impl JournalReader {
+    /// Read whole records from `from` (which holds seq `first`) up to seq `upto`, stopping
+    /// before `bytes_max` is passed (one record is always read). Each record's checksum is
+    /// verified, so a damaged record is never shipped.
+    pub fn read(
+        &self,
+        from: Location,
+        first: Seq,
+        upto: Seq,
+        bytes_max: u64,
+    ) -> Result<RawRecords, JournalError> {
+        let mut out =
+            RawRecords { bytes: Vec::new(), first, last: Seq(first.0.saturating_sub(1)), next: from };
+        let mut at = from;
+        let mut seq = first;
+        while seq <= upto {
+            let Some((_, file, len)) = self.segments.iter().find(|(i, _, _)| *i == at.segment) else { break };
+            let name = segment_name(at.segment);
+            let corrupt = |reason: String| JournalError::Corrupt {
+                file: self.storage.describe(&name),
+                offset: at.offset,
+                reason,
+            };
+            match read_record_at(&**file, at.offset, *len).map_err(|e| corrupt(e.to_string()))? {
+                None => {
+                    // Clean end of a segment: continue in the next one.
+                    if !self.segments.iter().any(|(i, _, _)| *i == at.segment + 1) {
+                        break;
+                    }
+                    at = Location { segment: at.segment + 1, offset: SEGMENT_HEADER_BYTES };
+                }
+                Some(bytes) => {
+                    if !out.bytes.is_empty() && (out.bytes.len() + bytes.len()) as u64 > bytes_max {
+                        break;
+                    }
+                    let rec = record::decode(&bytes, None).map_err(|e| corrupt(e.to_string()))?;
+                    if rec.seq != seq {
+                        return Err(corrupt(format!(
+                            "record has seq {} where seq {} was expected",
+                            rec.seq.0, seq.0
+                        )));
+                    }
+                    at.offset += bytes.len() as u64;
+                    out.bytes.extend_from_slice(&bytes);
+                    out.last = seq;
+                    out.next = at;
+                    seq = Seq(seq.0 + 1);
+                }
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -14,7 +14,8 @@ pub mod record;
 pub mod storage;
 
 pub use journal::{
-    genesis_chain, Appended, Journal, JournalConfig, RecoveryReport, ResumePoint, SegmentSummary, SyncTicket,
+    genesis_chain, Appended, Journal, JournalConfig, JournalReader, RawRecords, RecoveryReport, ResumePoint,
+    SegmentSummary, SyncTicket,
 };
 pub use record::{Control, Record, RecordBody, ZeroMode};
 
@@ -92,6 +93,16 @@ pub enum JournalError {
         path: PathBuf,
         /// The OS error.
         source: std::io::Error,
+    },
+    /// A partner's record would not continue this journal's chain: the histories differ.
+    #[error("histories diverge at seq {seq}: chain here would be {ours:?}, the partner's is {theirs:?}")]
+    Diverged {
+        /// The seq where they differ.
+        seq: u64,
+        /// Our chain after it.
+        ours: ChainHash,
+        /// Theirs.
+        theirs: ChainHash,
     },
     /// Bytes handed in are not a valid record.
     #[error("invalid record: {0}")]

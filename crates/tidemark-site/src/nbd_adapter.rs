@@ -112,7 +112,8 @@ fn export_info(desc: ExportDesc) -> ExportInfo {
 /// which tells the client not to retry on this connection.
 pub fn map_error(desc: &ExportDesc, offset: u64, length: u64, error: EngineError) -> ExportError {
     match error {
-        EngineError::ReadOnly(_) => ExportError::ReadOnly,
+        // A secondary's volumes are read-only to hosts until the group is promoted.
+        EngineError::ReadOnly(_) | EngineError::NotPrimary { .. } => ExportError::ReadOnly,
         EngineError::NotFound { .. } => ExportError::ShuttingDown,
         EngineError::InvalidArgument(reason) => {
             if offset.checked_add(length).is_none_or(|end| end > desc.size_bytes) {
@@ -123,6 +124,7 @@ pub fn map_error(desc: &ExportDesc, offset: u64, length: u64, error: EngineError
         }
         other @ (EngineError::Poisoned { .. }
         | EngineError::Failed { .. }
+        | EngineError::Diverged { .. }
         | EngineError::Io { .. }
         | EngineError::Journal(_)
         | EngineError::Catalog(_)

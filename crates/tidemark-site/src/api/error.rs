@@ -66,11 +66,14 @@ impl From<EngineError> for ApiError {
     fn from(error: EngineError) -> ApiError {
         let status = match &error {
             EngineError::NotFound { .. } => StatusCode::NOT_FOUND,
-            EngineError::AlreadyExists { .. } | EngineError::Conflict(_) | EngineError::ReadOnly(_) => {
-                StatusCode::CONFLICT
-            }
+            EngineError::AlreadyExists { .. }
+            | EngineError::Conflict(_)
+            | EngineError::ReadOnly(_)
+            | EngineError::NotPrimary { .. } => StatusCode::CONFLICT,
             EngineError::InvalidArgument(_) | EngineError::PointOutOfRange { .. } => StatusCode::BAD_REQUEST,
-            EngineError::Poisoned { .. } | EngineError::Failed { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            EngineError::Poisoned { .. } | EngineError::Failed { .. } | EngineError::Diverged { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             EngineError::Journal(_) | EngineError::Io { .. } | EngineError::Catalog(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }

@@ -1,0 +1,125 @@
+//! A group copied to a second engine the way replication does it: read durable records on the
+//! primary, apply them on a secondary that shares the group id.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tidemark_engine::{
+    Durability, Engine, EngineConfig, EngineError, GroupOptions, ImageMode, MemoryEvents, Point, SystemClock,
+};
+use tidemark_journal::record::decode;
+use tidemark_journal::Seq;
+
+fn open(dir: &std::path::Path) -> Arc<Engine> {
+    let mut config = EngineConfig::new(dir, Arc::new(MemoryEvents::default()));
+    config.maintenance_interval = Duration::from_secs(3600);
+    Engine::open(config, Arc::new(SystemClock)).expect("open engine")
+}
+
+/// Ship everything durable on `from`'s group to `to`'s group; returns records shipped.
+fn ship(from: &Engine, to: &Engine, group: &str) -> u64 {
+    let p = from.group_handle(group).expect("primary group");
+    let s = to.group_handle(group).expect("secondary group");
+    let start = Seq(s.position().last_seq.0 + 1);
+    let end = p.position().durable_seq;
+    if start > end {
+        return 0;
+    }
+    let mut location = p.locate(start).expect("locate");
+    let mut next = start;
+    let mut shipped = 0;
+    while next <= end {
+        let raw = p.read_for_shipping(location, next, 64 << 10).expect("read");
+        let mut rest: &[u8] = &raw.bytes;
+        let mut records = Vec::new();
+        while !rest.is_empty() {
+            let total = u32::from_le_bytes(rest[4..8].try_into().expect("len")) as usize;
+            records.push(decode(&rest[..total], None).expect("decode"));
+            rest = &rest[total..];
+        }
+        shipped += records.len() as u64;
+        s.apply_replicated(&records).expect("apply");
+        s.flush().expect("flush");
+        location = raw.next;
+        next = Seq(raw.last.0 + 1);
+    }
+    shipped
+}
+
+#[test]
+fn a_secondary_receives_volumes_data_and_bookmarks_in_band() {
+    let (a, b) = (tempfile::tempdir().expect("a"), tempfile::tempdir().expect("b"));
+    let primary = open(a.path());
+    let secondary = open(b.path());
+    primary.create_group("db", GroupOptions::default()).expect("group");
+    let id = primary.group_handle("db").expect("g").id;
+    secondary.create_secondary_group("db", id, GroupOptions::default(), 1).expect("secondary group");
+    primary.create_volume("db", "data", 8 << 20, 4096).expect("volume");
+    let v = primary.open_export("data").expect("export");
+    v.write(0, &[1u8; 65536], Durability::Buffered).expect("write");
+    primary.create_bookmark("db", "one").expect("bookmark");
+    v.write(4096, &[2u8; 4096], Durability::Buffered).expect("write");
+    v.trim(1 << 20, 1 << 20, Durability::Buffered).expect("trim");
+    // Not yet durable on the primary: nothing past the bookmark ships.
+    let before = ship(&primary, &secondary, "db");
+    v.flush().expect("flush");
+    let after = ship(&primary, &secondary, "db");
+    assert!(after > 0, "flushed records ship ({before} before the flush)");
+
+    let info = secondary.group("db").expect("group");
+    assert_eq!(info.role, "secondary");
+    assert_eq!(info.volumes, vec!["data".to_string()]);
+    let sv = secondary.open_export("data").expect("replica export");
+    assert!(sv.desc().read_only, "a secondary's volume is read-only to hosts");
+    assert!(matches!(sv.write(0, &[9u8; 4096], Durability::Fua), Err(EngineError::NotPrimary { .. })));
+    assert!(matches!(secondary.create_bookmark("db", "x"), Err(EngineError::NotPrimary { .. })));
+    let (mut x, mut y) = (vec![0u8; 8 << 20], vec![0u8; 8 << 20]);
+    v.read(0, &mut x).expect("read primary");
+    sv.read(0, &mut y).expect("read secondary");
+    assert!(x == y, "the secondary equals the primary");
+    // Bookmarks arrived in-band, and images of the past work on the secondary.
+    assert_eq!(secondary.bookmarks("db").expect("bookmarks")[0].name, "one");
+    secondary.create_image("db", &Point::Bookmark("one".into()), "past", ImageMode::ReadOnly).expect("image");
+    let mut buf = vec![0u8; 4096];
+    secondary.open_export("past/data").expect("image export").read(4096, &mut buf).expect("read");
+    assert_eq!(buf, vec![1u8; 4096]);
+    let (pp, sp) = (
+        primary.group_handle("db").expect("p").position(),
+        secondary.group_handle("db").expect("s").position(),
+    );
+    assert_eq!((pp.last_seq, pp.chain), (sp.last_seq, sp.chain));
+}
+
+#[test]
+fn a_record_that_does_not_continue_the_secondary_history_is_refused_unwritten() {
+    let (a, b) = (tempfile::tempdir().expect("a"), tempfile::tempdir().expect("b"));
+    let primary = open(a.path());
+    let secondary = open(b.path());
+    primary.create_group("g", GroupOptions::default()).expect("group");
+    let id = primary.group_handle("g").expect("g").id;
+    secondary.create_secondary_group("g", id, GroupOptions::default(), 1).expect("secondary");
+    primary.create_volume("g", "v", 1 << 20, 4096).expect("volume");
+    let v = primary.open_export("v").expect("export");
+    v.write(0, &[5u8; 4096], Durability::Fua).expect("write");
+    ship(&primary, &secondary, "g");
+    v.write(0, &[6u8; 4096], Durability::Fua).expect("write");
+    let p = primary.group_handle("g").expect("p");
+    let s = secondary.group_handle("g").expect("s");
+    let next = Seq(s.position().last_seq.0 + 1);
+    let raw = p.read_for_shipping(p.locate(next).expect("locate"), next, 1 << 20).expect("read");
+    let genuine = decode(&raw.bytes, None).expect("decode");
+    // Same seq and claimed chain, other content: what a split-brain partner would send.
+    let mut forged = genuine.clone();
+    if let tidemark_journal::RecordBody::Write { data, .. } = &mut forged.body {
+        data[0] ^= 1;
+    }
+    let before = s.position();
+    match s.apply_replicated(&[forged]) {
+        Err(EngineError::Diverged { reason, .. }) => {
+            assert!(reason.contains(&next.0.to_string()), "{reason}")
+        }
+        other => panic!("expected divergence, got {other:?}"),
+    }
+    assert_eq!(s.position().last_seq, before.last_seq, "nothing was written");
+    s.apply_replicated(&[genuine]).expect("the genuine record still applies");
+}
