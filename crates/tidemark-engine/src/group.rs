@@ -606,6 +606,30 @@ impl Group {
         Ok(last)
     }
 
+    /// Source time of record `seq` (the horizon's time for seqs before the journal).
+    pub fn time_of(&self, seq: Seq) -> UnixNanos {
+        self.state.lock().time_of(seq)
+    }
+
+    /// Bytes of journal from `location` to the tail: what is left to ship after it.
+    pub fn bytes_after(&self, location: Location) -> u64 {
+        let st = self.state.lock();
+        st.journal
+            .segments()
+            .iter()
+            .filter(|s| s.index >= location.segment)
+            .map(
+                |s| {
+                    if s.index == location.segment {
+                        s.bytes.saturating_sub(location.offset)
+                    } else {
+                        s.bytes
+                    }
+                },
+            )
+            .sum()
+    }
+
     /// Seq of the newest durable record.
     pub fn durable_seq(&self) -> Seq {
         Seq(self.durable_seq.load(Ordering::Acquire))

@@ -47,6 +47,10 @@ pub enum Message {
         first_seq: Seq,
         /// Group name.
         name: String,
+        /// The group's retention, in seconds (the secondary keeps the same history).
+        retention_seconds: u64,
+        /// The group's journal limit, in bytes.
+        journal_max_bytes: u64,
     },
     /// Secondary to primary: where its copy stands, so the primary resumes after it.
     Position(GroupPosition),

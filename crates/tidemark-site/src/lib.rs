@@ -10,6 +10,7 @@ pub mod events;
 pub mod jobs;
 pub mod names;
 pub mod nbd_adapter;
+pub mod replication;
 pub mod site;
 pub mod token;
 pub mod units;

@@ -1,0 +1,121 @@
+//! Two engines joined by replication sessions over in-memory channels.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tidemark_engine::{Durability, Engine, EngineConfig, GroupOptions, NullEvents, SystemClock};
+use tidemark_site::replication::session::{run_primary, run_secondary, Channel, ReplStats, SessionConfig};
+use tokio::sync::watch;
+
+fn open(dir: &std::path::Path) -> Arc<Engine> {
+    let mut config = EngineConfig::new(dir, Arc::new(NullEvents));
+    config.maintenance_interval = Duration::from_secs(3600);
+    Engine::open(config, Arc::new(SystemClock)).expect("open engine")
+}
+
+async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+struct Pair {
+    stop: watch::Sender<bool>,
+    primary: tokio::task::JoinHandle<Result<(), tidemark_site::replication::session::SessionError>>,
+    secondary: tokio::task::JoinHandle<Result<(), tidemark_site::replication::session::SessionError>>,
+}
+
+fn connect(p: &Arc<Engine>, s: &Arc<Engine>, stats: &Arc<ReplStats>, rstats: &Arc<ReplStats>) -> Pair {
+    let (a, b) = Channel::pair(64);
+    let (stop, stop_rx) = watch::channel(false);
+    let group = p.group_handle("db").expect("group");
+    let primary =
+        tokio::spawn(run_primary(group, "a".into(), a, stats.clone(), SessionConfig::default(), stop_rx));
+    let rs = rstats.clone();
+    let secondary = tokio::spawn(run_secondary(s.clone(), "b".into(), b, move |_| rs.clone()));
+    Pair { stop, primary, secondary }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_replicates_resumes_after_a_disconnect_and_after_a_restart() {
+    let (da, db) = (tempfile::tempdir().expect("a"), tempfile::tempdir().expect("b"));
+    let p = open(da.path());
+    let mut s = open(db.path());
+    p.create_group("db", GroupOptions::default()).expect("group");
+    p.create_volume("db", "data", 16 << 20, 4096).expect("volume");
+    let v = p.open_export("data").expect("export");
+    for i in 0..64u64 {
+        // Buffered writes, never flushed by the "host": the session must make them durable.
+        v.write(i * 65536, &vec![i as u8 + 1; 65536], Durability::Buffered).expect("write");
+    }
+    let stats = Arc::new(ReplStats::new(tidemark_journal::Seq(0)));
+    let rstats = Arc::new(ReplStats::new(tidemark_journal::Seq(0)));
+    let pair = connect(&p, &s, &stats, &rstats);
+    let group = p.group_handle("db").expect("group");
+    wait_until("everything acked", || stats.acked_seq.load(Ordering::Acquire) == group.position().last_seq.0)
+        .await;
+    let first_bytes = stats.bytes_sent_total.load(Ordering::Relaxed);
+    assert!(first_bytes >= 64 * 65536, "sent {first_bytes} bytes");
+    assert!(
+        stats.bytes_sent_compressed_total.load(Ordering::Relaxed) < first_bytes / 10,
+        "constant blocks compress"
+    );
+    let compare = |s: &Arc<Engine>| {
+        let (mut x, mut y) = (vec![0u8; 16 << 20], vec![0u8; 16 << 20]);
+        v.read(0, &mut x).expect("read primary");
+        s.open_export("data").expect("replica").read(0, &mut y).expect("read secondary");
+        assert!(x == y, "the secondary equals the primary");
+    };
+    compare(&s);
+    assert_eq!(s.group("db").expect("group").role, "secondary");
+
+    // Disconnect, write more, reconnect: only the new records are sent.
+    pair.stop.send(true).expect("stop");
+    pair.primary.await.expect("join").expect("clean stop");
+    pair.secondary.abort();
+    v.write(0, &[0xee; 4096], Durability::Fua).expect("write");
+    let pair = connect(&p, &s, &stats, &rstats);
+    wait_until("the new write acked", || {
+        stats.acked_seq.load(Ordering::Acquire) == group.position().last_seq.0
+    })
+    .await;
+    let resent = stats.bytes_sent_total.load(Ordering::Relaxed) - first_bytes;
+    assert!(resent < 64 << 10, "resumed from the partner's position, not from the start ({resent} bytes)");
+    compare(&s);
+
+    // The secondary site restarts (its engine reopens from disk) and replication resumes.
+    pair.stop.send(true).expect("stop");
+    let _ = pair.primary.await;
+    pair.secondary.abort();
+    let _ = pair.secondary.await;
+    s.shutdown().expect("shutdown");
+    drop(s);
+    s = open(db.path());
+    v.write(8192, &[0xdd; 4096], Durability::Buffered).expect("write");
+    let pair = connect(&p, &s, &stats, &rstats);
+    wait_until("acked after the secondary restarted", || {
+        stats.acked_seq.load(Ordering::Acquire) == group.position().last_seq.0
+    })
+    .await;
+    compare(&s);
+    pair.stop.send(true).expect("stop");
+    let _ = pair.primary.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_that_is_primary_on_both_sides_is_refused() {
+    let (da, db) = (tempfile::tempdir().expect("a"), tempfile::tempdir().expect("b"));
+    let p = open(da.path());
+    let s = open(db.path());
+    p.create_group("db", GroupOptions::default()).expect("group");
+    s.create_group("db", GroupOptions::default()).expect("same name, its own primary group");
+    let stats = Arc::new(ReplStats::new(tidemark_journal::Seq(0)));
+    let rstats = Arc::new(ReplStats::new(tidemark_journal::Seq(0)));
+    let pair = connect(&p, &s, &stats, &rstats);
+    let err = pair.primary.await.expect("join").expect_err("refused");
+    assert!(err.to_string().contains("different group") || err.to_string().contains("primary here"), "{err}");
+    assert!(pair.secondary.await.expect("join").is_err());
+}
