@@ -62,6 +62,11 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
+/// A free UDP port on loopback.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
 /// Poll `check` until it holds or the deadline passes.
 pub fn wait_for(what: &str, deadline: Duration, mut check: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -80,6 +85,8 @@ pub struct Site {
     pub nbd: SocketAddr,
     /// API listener.
     pub api: SocketAddr,
+    /// Replication (UDP) listener.
+    pub repl: SocketAddr,
     /// Extra arguments it was started with.
     extra: Vec<String>,
     log: PathBuf,
@@ -95,11 +102,13 @@ impl Site {
     pub fn start_with(data_dir: &Path, extra: &[&str]) -> Site {
         let nbd: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let repl: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().expect("addr");
         let mut site = Site {
             child: None,
             data_dir: data_dir.to_path_buf(),
             nbd,
             api,
+            repl,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             log: data_dir.with_extension("log"),
         };
@@ -117,6 +126,8 @@ impl Site {
             .arg(self.nbd.to_string())
             .arg("--api-listen")
             .arg(self.api.to_string())
+            .arg("--repl-listen")
+            .arg(self.repl.to_string())
             .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))

@@ -17,7 +17,10 @@ use tidemark_site::Config;
 
 use crate::client::{resolve_token, segment, ApiClient, API_URL_DEFAULT};
 use crate::output::{items, key_values, list, number, point, print_json, seconds, text, Table};
-use crate::{BookmarkCommand, Cli, Command, GroupCommand, ImageCommand, RollbackArgs, VolumeCommand};
+use crate::{
+    BookmarkCommand, Cli, Command, GroupCommand, ImageCommand, PartnerCommand, RollbackArgs, SiteCommand,
+    VolumeCommand,
+};
 
 /// How often a running job is polled, in milliseconds.
 pub const JOB_POLL_INTERVAL_MILLIS: u64 = 200;
@@ -32,6 +35,8 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Group(command) => group(&connect(cli)?, json, command),
         Command::Volume(command) => volume(&connect(cli)?, json, command),
         Command::Bookmark(command) => bookmark(&connect(cli)?, json, command),
+        Command::Site(SiteCommand::Show) => site(&connect(cli)?, json),
+        Command::Partner(command) => partner(&connect(cli)?, json, command),
         Command::History { group } => history(&connect(cli)?, json, group),
         Command::Rollback(args) => rollback(&connect(cli)?, json, args),
         Command::Image(command) => image(&connect(cli)?, json, command),
@@ -117,6 +122,29 @@ fn group(api: &ApiClient, json: bool, command: &GroupCommand) -> Result<()> {
             }
             table.print()?;
         }
+        GroupCommand::Protect { group, partner } => {
+            validate_name("group", group)?;
+            let p =
+                api.post(&format!("/v1/groups/{}/protect", segment(group)), &json!({ "partner": partner }))?;
+            if json {
+                return print_json(&p);
+            }
+            println!(
+                "protecting group {group} to partner {partner}; `tidemark group show {group}` shows progress"
+            );
+        }
+        GroupCommand::Unprotect { group } => {
+            api.post(&format!("/v1/groups/{}/unprotect", segment(group)), &json!({}))?;
+            println!("group {group} is no longer replicated; the partner keeps its copy");
+        }
+        GroupCommand::Pause { group } => {
+            api.post(&format!("/v1/groups/{}/pause", segment(group)), &json!({}))?;
+            println!("paused replication of group {group}");
+        }
+        GroupCommand::Resume { group } => {
+            api.post(&format!("/v1/groups/{}/resume", segment(group)), &json!({}))?;
+            println!("resumed replication of group {group}");
+        }
         GroupCommand::Show { name } => {
             let g = api.get(&format!("/v1/groups/{}", segment(name)))?;
             if json {
@@ -141,6 +169,12 @@ fn group(api: &ApiClient, json: bool, command: &GroupCommand) -> Result<()> {
                         format!("seq:{} ({})", number(&g, "oldest_seq"), text(&g, "oldest_point"))
                     ),
                     ("newest point", text(&g, "newest_point")),
+                    ("role", format!("{} (generation {})", text(&g, "role"), number(&g, "generation"))),
+                    (
+                        "partner",
+                        if text(&g, "partner").is_empty() { "(none)".into() } else { text(&g, "partner") }
+                    ),
+                    ("replication", replication_line(&g["replication"])),
                     ("retention", seconds(number(&g, "retention_seconds"))),
                     (
                         "journal",
@@ -152,6 +186,80 @@ fn group(api: &ApiClient, json: bool, command: &GroupCommand) -> Result<()> {
                     ),
                 ])
             );
+        }
+    }
+    Ok(())
+}
+
+fn replication_line(r: &Value) -> String {
+    if r.is_null() {
+        return "(not replicated)".into();
+    }
+    let mut line = format!(
+        "{}, acked seq {}, lag {} records / {}, rpo {:.1}s, sent {} ({} compressed)",
+        text(r, "state"),
+        number(r, "acked_seq"),
+        number(r, "lag_records"),
+        format_bytes(number(r, "lag_bytes")),
+        r["rpo_seconds"].as_f64().unwrap_or(0.0),
+        format_bytes(number(r, "bytes_sent_total")),
+        format_bytes(number(r, "bytes_sent_compressed_total")),
+    );
+    let error = text(r, "last_error");
+    if !error.is_empty() {
+        line.push_str(&format!("; last error: {error}"));
+    }
+    line
+}
+
+fn site(api: &ApiClient, json: bool) -> Result<()> {
+    let s = api.get("/v1/site")?;
+    if json {
+        return print_json(&s);
+    }
+    print!(
+        "{}",
+        key_values(&[
+            ("name", text(&s, "name")),
+            ("fingerprint", text(&s, "fingerprint")),
+            ("replication address", text(&s, "replication_address")),
+        ])
+    );
+    Ok(())
+}
+
+fn partner(api: &ApiClient, json: bool, command: &PartnerCommand) -> Result<()> {
+    match command {
+        PartnerCommand::Add { name, address, fingerprint } => {
+            validate_name("partner", name)?;
+            let p = api.post(
+                "/v1/partners",
+                &json!({ "name": name, "address": address, "fingerprint": fingerprint }),
+            )?;
+            if json {
+                return print_json(&p);
+            }
+            println!(
+                "added partner {} at {} ({})",
+                text(&p, "name"),
+                text(&p, "address"),
+                text(&p, "fingerprint")
+            );
+        }
+        PartnerCommand::List => {
+            let partners = api.get("/v1/partners")?;
+            if json {
+                return print_json(&partners);
+            }
+            let mut table = Table::new(&["NAME", "ADDRESS", "FINGERPRINT"]);
+            for p in list(&partners) {
+                table.row(vec![text(p, "name"), text(p, "address"), text(p, "fingerprint")]);
+            }
+            table.print()?;
+        }
+        PartnerCommand::Remove { name } => {
+            api.delete(&format!("/v1/partners/{}", segment(name)))?;
+            println!("removed partner {name}");
         }
     }
     Ok(())

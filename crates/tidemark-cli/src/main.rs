@@ -58,6 +58,12 @@ pub enum Command {
     /// Bookmarks: named points in a group's history.
     #[command(subcommand)]
     Bookmark(BookmarkCommand),
+    /// This site's identity for partners: name, certificate fingerprint, replication address.
+    #[command(subcommand)]
+    Site(SiteCommand),
+    /// Partner sites, pinned by certificate fingerprint.
+    #[command(subcommand)]
+    Partner(PartnerCommand),
     /// Show a group's recoverable range, bookmarks and rollbacks.
     History {
         /// Group name.
@@ -93,6 +99,9 @@ pub struct ServeArgs {
     /// Management API listen address (overrides api.listen).
     #[arg(long, value_name = "ADDR")]
     pub api_listen: Option<SocketAddr>,
+    /// Replication (QUIC, UDP) listen address (overrides replication.listen).
+    #[arg(long, value_name = "ADDR")]
+    pub repl_listen: Option<SocketAddr>,
 }
 
 /// `tidemark group ...`.
@@ -114,6 +123,59 @@ pub enum GroupCommand {
     /// Show one group.
     Show {
         /// Group name.
+        name: String,
+    },
+    /// Replicate a group to a partner (run on the primary; the partner creates its copy).
+    Protect {
+        /// Group name.
+        group: String,
+        /// Partner name (see `tidemark partner add`).
+        #[arg(long, value_name = "NAME")]
+        partner: String,
+    },
+    /// Stop replicating a group (the partner keeps its copy).
+    Unprotect {
+        /// Group name.
+        group: String,
+    },
+    /// Pause a group's replication.
+    Pause {
+        /// Group name.
+        group: String,
+    },
+    /// Resume a group's replication.
+    Resume {
+        /// Group name.
+        group: String,
+    },
+}
+
+/// `tidemark site ...`.
+#[derive(Subcommand, Debug)]
+pub enum SiteCommand {
+    /// Show the site's name, fingerprint and replication address.
+    Show,
+}
+
+/// `tidemark partner ...`.
+#[derive(Subcommand, Debug)]
+pub enum PartnerCommand {
+    /// Trust a partner site.
+    Add {
+        /// Partner name.
+        name: String,
+        /// Its replication address, HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT")]
+        address: String,
+        /// Its certificate fingerprint, as `tidemark site show` prints it there.
+        #[arg(long, value_name = "SHA256")]
+        fingerprint: String,
+    },
+    /// List partners.
+    List,
+    /// Stop trusting a partner.
+    Remove {
+        /// Partner name.
         name: String,
     },
 }

@@ -23,6 +23,7 @@ pub fn run(cli: &Cli, args: &ServeArgs) -> Result<()> {
         data_dir: cli.data_dir.clone(),
         nbd_listen: args.nbd_listen,
         api_listen: args.api_listen,
+        repl_listen: args.repl_listen,
     })?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -170,6 +170,8 @@ pub struct Engine {
     images: RwLock<BTreeMap<String, Arc<Image>>>,
     /// Serialises catalog changes so names stay unique.
     admin: Mutex<()>,
+    /// History holds by other parts of the site: (group, holder) -> oldest seq still needed.
+    pins: Mutex<BTreeMap<(String, String), Seq>>,
     maintenance: Mutex<Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
 }
 
@@ -258,6 +260,7 @@ impl Engine {
             groups: RwLock::new(groups),
             images: RwLock::new(images),
             admin: Mutex::new(()),
+            pins: Mutex::new(BTreeMap::new()),
             maintenance: Mutex::new(None),
         }))
     }
@@ -282,8 +285,10 @@ impl Engine {
     /// checkpoints that are due. Errors are logged and raised as events, never fatal.
     pub fn maintain(&self) {
         for group in self.open_groups() {
-            let pin =
+            let images =
                 self.images.read().values().filter(|i| i.group.name == group.name).map(|i| i.seq()).min();
+            let held = self.pins.lock().iter().filter(|((g, _), _)| *g == group.name).map(|(_, s)| *s).min();
+            let pin = images.into_iter().chain(held).min();
             if let Err(e) = group.trim(pin) {
                 tracing::warn!(group = %group.name, error = %e, "trimming history failed");
             }
@@ -291,6 +296,17 @@ impl Engine {
                 tracing::warn!(group = %group.name, error = %e, "writing the index checkpoint failed");
             }
         }
+    }
+
+    /// Keep `group`'s history from `seq` on (trimming stops before it) for `holder`, e.g.
+    /// replication holding what the partner has not acknowledged. `None` releases the hold.
+    pub fn pin(&self, group: &str, holder: &str, seq: Option<Seq>) {
+        let key = (group.to_string(), holder.to_string());
+        let mut pins = self.pins.lock();
+        match seq {
+            Some(s) => pins.insert(key, s),
+            None => pins.remove(&key),
+        };
     }
 
     /// Stop maintenance, write checkpoints, flush images. Call before exit.

@@ -203,3 +203,32 @@ fn bad_arguments_are_refused_with_clear_errors() {
         engine.rollback("g", &Point::Seq(tidemark_engine::Seq(1_000_000)), &|_| {}).expect_err("future seq");
     assert!(err.to_string().contains("outside the recoverable range"), "{err}");
 }
+
+#[test]
+fn a_pinned_history_is_never_trimmed_past_the_pin() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events = Arc::new(MemoryEvents::default());
+    let engine = open(dir.path(), events.clone());
+    engine
+        .create_group("g", GroupOptions { retention_seconds: 86400, journal_max_bytes: 16 << 20 })
+        .expect("group");
+    engine.create_volume("g", "v", 8 << 20, 4096).expect("volume");
+    engine.pin("g", "replication", Some(tidemark_engine::Seq(3)));
+    let v = engine.open_export("v").expect("export");
+    for round in 0..5u8 {
+        for i in 0..8u64 {
+            v.write(i << 20, &pattern(round, 1 << 20), Durability::Buffered).expect("write");
+        }
+    }
+    v.flush().expect("flush");
+    engine.maintain();
+    let info = engine.group("g").expect("group");
+    assert!(info.oldest_seq <= 3, "trimmed past the pin to seq {}", info.oldest_seq);
+    assert!(
+        events.0.lock().iter().any(|e| matches!(e, EngineEvent::JournalPinned { .. })),
+        "no journal_pinned event"
+    );
+    engine.pin("g", "replication", None);
+    engine.maintain();
+    assert!(engine.group("g").expect("group").oldest_seq > 3, "released: trimming proceeds");
+}

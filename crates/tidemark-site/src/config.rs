@@ -50,6 +50,36 @@ pub struct Config {
     pub limits: Limits,
     /// `[defaults]`: values for objects created without them.
     pub defaults: Defaults,
+    /// `[replication]`: the QUIC link to partner sites.
+    pub replication: ReplicationSection,
+}
+
+/// `[replication]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicationSection {
+    /// UDP address of the replication link. Default `0.0.0.0:7601`.
+    #[serde(deserialize_with = "socket_addr")]
+    pub listen: SocketAddr,
+    /// Bandwidth of the link to partners, in megabits per second; sizes QUIC windows and
+    /// socket buffers (with the RTT) so a long fat link can be filled. Default 1000.
+    pub link_mbit_per_second: u64,
+    /// Round-trip time of the link to partners (`"50ms"`). Default 50 ms.
+    #[serde(deserialize_with = "duration")]
+    pub link_rtt: Duration,
+    /// zstd level of batch payloads, 1 to 19. Default 1 (about 500 MB/s per core).
+    pub zstd_level: i32,
+}
+
+impl Default for ReplicationSection {
+    fn default() -> Self {
+        ReplicationSection {
+            listen: SocketAddr::from(([0, 0, 0, 0], 7601)),
+            link_mbit_per_second: 1000,
+            link_rtt: Duration::from_millis(50),
+            zstd_level: 1,
+        }
+    }
 }
 
 /// `[site]`.
@@ -181,6 +211,8 @@ pub struct Overrides {
     pub nbd_listen: Option<SocketAddr>,
     /// `--api-listen`.
     pub api_listen: Option<SocketAddr>,
+    /// `--repl-listen`.
+    pub repl_listen: Option<SocketAddr>,
 }
 
 /// Why a configuration was refused. The message names the file and the key.
@@ -302,6 +334,9 @@ impl Config {
         if let Some(addr) = overrides.api_listen {
             self.api.listen = addr;
         }
+        if let Some(addr) = overrides.repl_listen {
+            self.replication.listen = addr;
+        }
         self.check("command line")
     }
 
@@ -362,6 +397,19 @@ impl Config {
                 "limits.events_file_bytes_max",
                 format!("{} bytes is less than {EVENTS_FILE_BYTES_FLOOR}", limits.events_file_bytes_max),
             ));
+        }
+        let repl = &self.replication;
+        if !(1..=400_000).contains(&repl.link_mbit_per_second) {
+            return Err(refuse(
+                "replication.link_mbit_per_second",
+                format!("{} is outside 1..=400000", repl.link_mbit_per_second),
+            ));
+        }
+        if repl.link_rtt.is_zero() || repl.link_rtt > Duration::from_secs(10) {
+            return Err(refuse("replication.link_rtt", format!("{:?} is outside (0, 10s]", repl.link_rtt)));
+        }
+        if !(1..=19).contains(&repl.zstd_level) {
+            return Err(refuse("replication.zstd_level", format!("{} is outside 1..=19", repl.zstd_level)));
         }
         if self.defaults.retention.as_secs() == 0 {
             return Err(refuse("defaults.retention", "must be at least one second".into()));
@@ -568,6 +616,7 @@ mod tests {
                 data_dir: Some("/tmp/b".into()),
                 nbd_listen: Some("127.0.0.1:1".parse().expect("addr")),
                 api_listen: Some("127.0.0.1:2".parse().expect("addr")),
+                repl_listen: Some("127.0.0.1:3".parse().expect("addr")),
             })
             .expect("overrides");
         assert_eq!(config.site.name, "b");

@@ -21,7 +21,10 @@ use crate::api::{self, ApiSettings, ApiState};
 use crate::config::Config;
 use crate::events::{Event, EventLog, EventLogError, EventSource};
 use crate::nbd_adapter::EngineExports;
+use crate::replication::session::SessionConfig;
+use crate::replication::{Replication, ReplicationConfig};
 use crate::token::{ApiToken, TokenError, TOKEN_FILE_NAME};
+use tidemark_link::LinkProfile;
 
 /// How long shut-down waits for open NBD connections and API requests to finish, in seconds,
 /// before it closes them and checkpoints the engine anyway.
@@ -70,6 +73,9 @@ pub enum SiteError {
         /// What happened.
         reason: String,
     },
+    /// Replication could not start (identity, partner store or the QUIC link).
+    #[error("start replication: {0}")]
+    Replication(Box<crate::replication::ReplicationError>),
     /// The engine's final checkpoint failed; the journal is still the truth and the next start
     /// recovers from it.
     #[error("shut down engine: {0}")]
@@ -86,6 +92,7 @@ pub struct Site {
     api_listener: TcpListener,
     nbd_addr: SocketAddr,
     api_addr: SocketAddr,
+    replication: Arc<Replication>,
 }
 
 impl Site {
@@ -130,7 +137,28 @@ impl Site {
         );
         started.object = Some(config.site.name.clone());
         events.record(started);
-        Ok(Site { config, engine, events, token, nbd_listener, api_listener, nbd_addr, api_addr })
+        let repl_config = ReplicationConfig {
+            listen: config.replication.listen,
+            profile: LinkProfile {
+                bandwidth_bits_per_second: config.replication.link_mbit_per_second * 1_000_000,
+                rtt: config.replication.link_rtt,
+            },
+            session: SessionConfig { zstd_level: config.replication.zstd_level, ..SessionConfig::default() },
+        };
+        let replication =
+            Replication::start(engine.clone(), events.clone(), &data_dir, &config.site.name, repl_config)
+                .map_err(|e| SiteError::Replication(Box::new(e)))?;
+        Ok(Site {
+            config,
+            engine,
+            events,
+            token,
+            nbd_listener,
+            api_listener,
+            nbd_addr,
+            api_addr,
+            replication,
+        })
     }
 
     /// Where the NBD server listens (the real port when 0 was asked for).
@@ -141,6 +169,11 @@ impl Site {
     /// Where the management API listens (the real port when 0 was asked for).
     pub fn api_addr(&self) -> SocketAddr {
         self.api_addr
+    }
+
+    /// Where the replication link listens, and the site's fingerprint.
+    pub fn replication(&self) -> &Arc<Replication> {
+        &self.replication
     }
 
     /// The file holding the API token.
@@ -156,7 +189,17 @@ impl Site {
     /// Serve until `shutdown` completes (or a server fails), then stop accepting, let open
     /// requests finish for at most [`SHUTDOWN_DRAIN_SECONDS`], and shut the engine down.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), SiteError> {
-        let Site { config, engine, events, token, nbd_listener, api_listener, nbd_addr, api_addr } = self;
+        let Site {
+            config,
+            engine,
+            events,
+            token,
+            nbd_listener,
+            api_listener,
+            nbd_addr,
+            api_addr,
+            replication,
+        } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             // An error means the sender is gone, which is a stop too.
@@ -188,6 +231,7 @@ impl Site {
             engine.clone(),
             events.clone(),
             token,
+            replication.clone(),
         );
         let app = api::router(state);
         let mut api_task = tokio::spawn(
@@ -239,6 +283,7 @@ impl Site {
             tracing::error!(error = %failure, "server failed");
         }
 
+        replication.shutdown().await;
         let shutdown_engine = engine.clone();
         let engine_result = tokio::task::spawn_blocking(move || shutdown_engine.shutdown())
             .await

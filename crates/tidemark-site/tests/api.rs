@@ -5,6 +5,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tidemark_link::LinkProfile;
+use tidemark_site::replication::session::SessionConfig;
+use tidemark_site::replication::{Replication, ReplicationConfig};
 
 use serde_json::{json, Value};
 use tidemark_engine::{Engine, EngineConfig, GroupOptions, SystemClock};
@@ -41,6 +44,19 @@ impl TestSite {
                 .expect("engine");
         let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let replication = {
+            let (engine, events, dir) = (engine.clone(), events.clone(), dir.path().to_path_buf());
+            runtime
+                .block_on(async move {
+                    let config = ReplicationConfig {
+                        listen: "127.0.0.1:0".parse().expect("addr"),
+                        profile: LinkProfile::default(),
+                        session: SessionConfig::default(),
+                    };
+                    Replication::start(engine, events, &dir, "test-site", config)
+                })
+                .expect("replication")
+        };
         let state = ApiState::new(
             ApiSettings {
                 site_name: "test-site".into(),
@@ -53,6 +69,7 @@ impl TestSite {
             engine.clone(),
             events,
             token.clone(),
+            replication,
         );
         let app = api::router(state);
         runtime.spawn(async move { axum::serve(listener, app).await });

@@ -32,8 +32,15 @@ fn connect(p: &Arc<Engine>, s: &Arc<Engine>, stats: &Arc<ReplStats>, rstats: &Ar
     let (a, b) = Channel::pair(64);
     let (stop, stop_rx) = watch::channel(false);
     let group = p.group_handle("db").expect("group");
-    let primary =
-        tokio::spawn(run_primary(group, "a".into(), a, stats.clone(), SessionConfig::default(), stop_rx));
+    let primary = tokio::spawn(run_primary(
+        group,
+        "a".into(),
+        a,
+        stats.clone(),
+        SessionConfig::default(),
+        stop_rx,
+        |_| {},
+    ));
     let rs = rstats.clone();
     let secondary = tokio::spawn(run_secondary(s.clone(), "b".into(), b, move |_| rs.clone()));
     Pair { stop, primary, secondary }

@@ -16,6 +16,7 @@ fn config(dir: &std::path::Path) -> Config {
             data_dir: Some(dir.to_path_buf()),
             nbd_listen: Some("127.0.0.1:0".parse().expect("addr")),
             api_listen: Some("127.0.0.1:0".parse().expect("addr")),
+            repl_listen: Some("127.0.0.1:0".parse().expect("addr")),
         })
         .expect("config");
     config

@@ -82,6 +82,25 @@ impl From<EngineError> for ApiError {
     }
 }
 
+impl From<crate::replication::ReplicationError> for ApiError {
+    fn from(error: crate::replication::ReplicationError) -> ApiError {
+        use crate::replication::ReplicationError as R;
+        match error {
+            R::Engine(e) => e.into(),
+            R::UnknownPartner(_) | R::NotProtected(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, error.to_string())
+            }
+            R::PartnerExists(_) | R::PartnerInUse { .. } | R::AlreadyProtected { .. } => {
+                ApiError::new(StatusCode::CONFLICT, error.to_string())
+            }
+            R::Invalid(_) => ApiError::bad_request(error.to_string()),
+            R::Link(_) | R::Store { .. } => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, error.to_string())
+            }
+        }
+    }
+}
+
 impl From<NameError> for ApiError {
     fn from(error: NameError) -> ApiError {
         ApiError::bad_request(error.to_string())

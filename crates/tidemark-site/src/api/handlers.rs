@@ -17,6 +17,7 @@ use super::{ApiError, ApiJson, ApiPath, ApiState};
 use crate::events::{self, Event, EventSource, Outcome, EVENTS_RETURNED_MAX};
 use crate::jobs::JobView;
 use crate::names::validate_name;
+use crate::replication::{Partner, Protection, ReplicationStatus, SiteIdentity};
 use crate::token::Caller;
 use crate::units::{ByteSize, HumanDuration};
 
@@ -115,18 +116,106 @@ pub async fn create_group(
     Ok((StatusCode::CREATED, Json(info)))
 }
 
-pub async fn list_groups(State(state): State<Arc<ApiState>>) -> ApiResult<Json<Vec<GroupInfo>>> {
-    let engine = state.engine.clone();
-    blocking(move || Ok(engine.groups())).await.map(Json)
+/// A group as `group show` reports it: the engine's view plus its replication.
+#[derive(serde::Serialize)]
+pub struct GroupView {
+    #[serde(flatten)]
+    info: GroupInfo,
+    /// The partner it is protected to, if any.
+    partner: Option<String>,
+    /// Replication status, when protected here or received from a partner.
+    replication: Option<ReplicationStatus>,
+}
+
+fn group_view(state: &ApiState, info: GroupInfo) -> GroupView {
+    GroupView {
+        partner: state.replication.partner_of(&info.name),
+        replication: state.replication.status(&info.name),
+        info,
+    }
+}
+
+pub async fn list_groups(State(state): State<Arc<ApiState>>) -> ApiResult<Json<Vec<GroupView>>> {
+    let st = state.clone();
+    blocking(move || Ok(st.engine.groups().into_iter().map(|g| group_view(&st, g)).collect())).await.map(Json)
 }
 
 pub async fn show_group(
     State(state): State<Arc<ApiState>>,
     ApiPath(group): ApiPath<String>,
-) -> ApiResult<Json<GroupInfo>> {
+) -> ApiResult<Json<GroupView>> {
     validate_name("group", &group)?;
-    let engine = state.engine.clone();
-    blocking(move || engine.group(&group)).await.map(Json)
+    let st = state.clone();
+    blocking(move || st.engine.group(&group).map(|g| group_view(&st, g))).await.map(Json)
+}
+
+pub async fn site(State(state): State<Arc<ApiState>>) -> Json<SiteIdentity> {
+    Json(state.replication.identity())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddPartner {
+    name: String,
+    address: String,
+    fingerprint: String,
+}
+
+pub async fn add_partner(
+    State(state): State<Arc<ApiState>>,
+    ApiJson(req): ApiJson<AddPartner>,
+) -> ApiResult<(StatusCode, Json<Partner>)> {
+    let partner = state.replication.add_partner(&req.name, &req.address, &req.fingerprint)?;
+    Ok((StatusCode::CREATED, Json(partner)))
+}
+
+pub async fn list_partners(State(state): State<Arc<ApiState>>) -> Json<Vec<Partner>> {
+    Json(state.replication.partners())
+}
+
+pub async fn remove_partner(
+    State(state): State<Arc<ApiState>>,
+    ApiPath(name): ApiPath<String>,
+) -> ApiResult<StatusCode> {
+    state.replication.remove_partner(&name)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Protect {
+    partner: String,
+}
+
+pub async fn protect(
+    State(state): State<Arc<ApiState>>,
+    ApiPath(group): ApiPath<String>,
+    ApiJson(req): ApiJson<Protect>,
+) -> ApiResult<Json<Protection>> {
+    validate_name("group", &group)?;
+    Ok(Json(state.replication.protect(&group, &req.partner)?))
+}
+
+pub async fn unprotect(
+    State(state): State<Arc<ApiState>>,
+    ApiPath(group): ApiPath<String>,
+) -> ApiResult<StatusCode> {
+    state.replication.unprotect(&group)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn pause(
+    State(state): State<Arc<ApiState>>,
+    ApiPath(group): ApiPath<String>,
+) -> ApiResult<Json<Protection>> {
+    Ok(Json(state.replication.set_paused(&group, true)?))
+}
+
+pub async fn resume(
+    State(state): State<Arc<ApiState>>,
+    ApiPath(group): ApiPath<String>,
+) -> ApiResult<Json<Protection>> {
+    Ok(Json(state.replication.set_paused(&group, false)?))
 }
 
 #[derive(Deserialize)]

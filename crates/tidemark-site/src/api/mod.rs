@@ -28,6 +28,7 @@ pub use error::{ApiError, ApiJson, ApiPath, ErrorMessage};
 
 use crate::events::{Event, EventLog, EventSource, Outcome};
 use crate::jobs::Jobs;
+use crate::replication::Replication;
 use crate::token::{ApiToken, Caller};
 
 /// What the API needs to know about the site it serves.
@@ -54,6 +55,7 @@ pub struct ApiState {
     events: Arc<EventLog>,
     jobs: Jobs,
     token: ApiToken,
+    replication: Arc<Replication>,
     started: Instant,
 }
 
@@ -64,9 +66,10 @@ impl ApiState {
         engine: Arc<Engine>,
         events: Arc<EventLog>,
         token: ApiToken,
+        replication: Arc<Replication>,
     ) -> Arc<ApiState> {
         let jobs = Jobs::new(settings.jobs_finished_max);
-        Arc::new(ApiState { settings, engine, events, jobs, token, started: Instant::now() })
+        Arc::new(ApiState { settings, engine, events, jobs, token, replication, started: Instant::now() })
     }
 }
 
@@ -80,6 +83,13 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/groups/{group}/bookmarks", get(handlers::list_bookmarks).post(handlers::create_bookmark))
         .route("/v1/groups/{group}/history", get(handlers::history))
         .route("/v1/groups/{group}/rollback", post(handlers::rollback))
+        .route("/v1/groups/{group}/protect", post(handlers::protect))
+        .route("/v1/groups/{group}/unprotect", post(handlers::unprotect))
+        .route("/v1/groups/{group}/pause", post(handlers::pause))
+        .route("/v1/groups/{group}/resume", post(handlers::resume))
+        .route("/v1/site", get(handlers::site))
+        .route("/v1/partners", get(handlers::list_partners).post(handlers::add_partner))
+        .route("/v1/partners/{name}", axum::routing::delete(handlers::remove_partner))
         .route("/v1/volumes", get(handlers::list_volumes).post(handlers::create_volume))
         .route("/v1/volumes/{name}", get(handlers::show_volume).delete(handlers::delete_volume))
         .route("/v1/volumes/{name}/resize", post(handlers::resize_volume))
@@ -106,6 +116,12 @@ fn action_of(method: &Method, route: &str) -> &'static str {
         ("DELETE", "/v1/volumes/{name}") => "volume.delete",
         ("POST", "/v1/images") => "image.create",
         ("DELETE", "/v1/images/{name}") => "image.delete",
+        ("POST", "/v1/groups/{group}/protect") => "group.protect",
+        ("POST", "/v1/groups/{group}/unprotect") => "group.unprotect",
+        ("POST", "/v1/groups/{group}/pause") => "group.pause",
+        ("POST", "/v1/groups/{group}/resume") => "group.resume",
+        ("POST", "/v1/partners") => "partner.add",
+        ("DELETE", "/v1/partners/{name}") => "partner.remove",
         _ => "request",
     }
 }
@@ -261,6 +277,12 @@ mod tests {
             (Method::DELETE, "/v1/volumes/{name}"),
             (Method::POST, "/v1/images"),
             (Method::DELETE, "/v1/images/{name}"),
+            (Method::POST, "/v1/groups/{group}/protect"),
+            (Method::POST, "/v1/groups/{group}/unprotect"),
+            (Method::POST, "/v1/groups/{group}/pause"),
+            (Method::POST, "/v1/groups/{group}/resume"),
+            (Method::POST, "/v1/partners"),
+            (Method::DELETE, "/v1/partners/{name}"),
         ] {
             assert_ne!(action_of(&method, route), "request", "{method} {route}");
         }

@@ -180,6 +180,8 @@ fn to_wire(p: &Position) -> GroupPosition {
 }
 
 /// Run the primary's side for `group` until the stream ends, the partner refuses, or `stop`.
+/// `hold(seq)` is called with every newly acknowledged seq: history after it must not be
+/// trimmed, since the partner still needs it.
 ///
 /// # Cancel safety
 /// Dropping the future loses only in-flight batches, which the next session sends again from
@@ -191,6 +193,7 @@ pub async fn run_primary(
     stats: Arc<ReplStats>,
     config: SessionConfig,
     mut stop: watch::Receiver<bool>,
+    hold: impl Fn(Seq) + Send,
 ) -> Result<(), SessionError> {
     stats.set_state(ReplState::Connecting);
     let epoch = Instant::now();
@@ -243,6 +246,7 @@ pub async fn run_primary(
         (Ok(_), _) => {}
     }
     stats.acked_seq.store(sender.acked().0, Ordering::Release);
+    hold(sender.acked());
     stats.set_state(ReplState::Streaming);
     // Where the next record to send starts, and where each sent batch ends (for lag in bytes).
     let mut cursor: Option<Location> = None;
@@ -310,6 +314,7 @@ pub async fn run_primary(
                             }
                         }
                         stats.acked_seq.store(sender.acked().0, Ordering::Release);
+                        hold(sender.acked());
                     }
                     Message::Refuse { reason, .. } => return Err(SessionError::Refused(reason)),
                     other => return Err(SessionError::Protocol(format!("unexpected {other:?} while streaming"))),
