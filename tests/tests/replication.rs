@@ -139,3 +139,34 @@ fn a_partner_with_the_wrong_fingerprint_is_refused_and_nothing_else_stops() {
     let events = a.cli_ok(&["events", "--json"]);
     assert!(events.contains("replication.interrupted"), "{events}");
 }
+
+#[test]
+fn initial_sync_of_a_sparse_volume_sends_about_the_allocated_bytes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = pair(&dir);
+    a.cli_ok(&["group", "create", "g"]);
+    a.cli_ok(&["volume", "create", "v", "--size", "1GiB", "--group", "g"]);
+    // 10% allocated: 1 MiB of incompressible data at the start of every 10 MiB.
+    let mut commands = Vec::new();
+    for i in 0..103u64 {
+        commands.push(format!("write -P {} {} 1M", (i % 250) + 1, i * 10 << 20));
+    }
+    let mut args = vec!["-f", "raw"];
+    for c in &commands {
+        args.push("-c");
+        args.push(c);
+    }
+    let uri = a.uri("v");
+    args.push(&uri);
+    run_ok("qemu-io", &args);
+    let allocated = 103u64 << 20;
+    a.cli_ok(&["group", "protect", "g", "--partner", "b"]);
+    wait_caught_up(&a);
+    assert_identical(&a, &b, "sync");
+    let sent = replication(&a)["bytes_sent_total"].as_u64().expect("bytes");
+    eprintln!(
+        "initial sync: {sent} bytes sent for {allocated} bytes allocated ({:.3}x)",
+        sent as f64 / allocated as f64
+    );
+    assert!(sent >= allocated && sent <= allocated + allocated / 20, "sent {sent} for {allocated} allocated");
+}
