@@ -126,3 +126,95 @@ async fn a_group_that_is_primary_on_both_sides_is_refused() {
     assert!(err.to_string().contains("different group") || err.to_string().contains("primary here"), "{err}");
     assert!(pair.secondary.await.expect("join").is_err());
 }
+
+/// A trusted partner that sends a corrupted batch: the site refuses it, says so in its event
+/// log, and keeps accepting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_batch_from_a_partner_is_refused_with_an_event() {
+    use tidemark_journal::{genesis_chain, Seq};
+    use tidemark_link::{Identity, Link, LinkProfile, PinnedPeers};
+    use tidemark_repl::{BatchFrame, GroupPosition, Message};
+    use tidemark_site::events::EventLog;
+    use tidemark_site::replication::{Replication, ReplicationConfig};
+
+    let (db, dp) = (tempfile::tempdir().expect("b"), tempfile::tempdir().expect("partner"));
+    let events = Arc::new(EventLog::open(db.path(), 1 << 20).expect("events"));
+    let mut config = EngineConfig::new(db.path(), events.clone());
+    config.maintenance_interval = Duration::from_secs(3600);
+    let engine = Engine::open(config, Arc::new(SystemClock)).expect("engine");
+    let site = Replication::start(
+        engine.clone(),
+        events.clone(),
+        db.path(),
+        "b",
+        ReplicationConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            profile: LinkProfile::default(),
+            session: SessionConfig::default(),
+        },
+    )
+    .expect("replication");
+    let partner_id = Identity::load_or_create(dp.path(), "evil").expect("identity");
+    site.add_partner("evil", "127.0.0.1:9", &partner_id.fingerprint().to_string()).expect("pin");
+    let b_fp: tidemark_link::Fingerprint = site.identity().fingerprint.parse().expect("fp");
+    let b_addr: std::net::SocketAddr = site.identity().replication_address.parse().expect("addr");
+    let link = Link::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        &partner_id,
+        Arc::new(PinnedPeers::new([b_fp])),
+        LinkProfile::default(),
+    )
+    .expect("bind");
+    let conn = link.connect(b_addr, b_fp).await.expect("connect");
+    let (mut w, mut r) = conn.open_stream().await.expect("stream");
+    let id = 0x5eed;
+    let position = GroupPosition {
+        group_id: id,
+        generation: 1,
+        last_seq: Seq(0),
+        chain: genesis_chain(id),
+        durable_seq: Seq(0),
+    };
+    w.send(&Message::Hello { protocol: tidemark_repl::PROTOCOL_VERSION, site: "evil".into() }.encode())
+        .await
+        .expect("hello");
+    let offer = Message::Offer {
+        position,
+        first_seq: Seq(1),
+        name: "g".into(),
+        retention_seconds: 3600,
+        journal_max_bytes: 1 << 30,
+    };
+    w.send(&offer.encode()).await.expect("offer");
+    let mut got_position = false;
+    while let Some(frame) = r.recv().await.expect("recv") {
+        if matches!(Message::decode(&frame), Ok(Message::Position(_))) {
+            got_position = true;
+            break;
+        }
+    }
+    assert!(got_position, "the site answers an offer from a trusted partner with its position");
+    let mut batch = BatchFrame::build(id, 1, Seq(1), Seq(1), &[0u8; 200], 1);
+    batch.payload[3] ^= 0xff;
+    w.send(&Message::Batch(batch).encode()).await.expect("batch");
+    let mut refused = false;
+    while let Ok(Some(frame)) = r.recv().await {
+        if let Ok(Message::Refuse { reason, .. }) = Message::decode(&frame) {
+            assert!(!reason.is_empty());
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "the corrupted batch is refused");
+    wait_until("the rejection event", || {
+        std::fs::read_to_string(db.path().join("events.jsonl"))
+            .unwrap_or_default()
+            .contains("replication.rejected")
+    })
+    .await;
+    assert_eq!(engine.group_handle("g").expect("group").position().last_seq, Seq(0), "nothing was applied");
+    // The site still accepts partners.
+    let conn2 = link.connect(b_addr, b_fp).await.expect("the site still accepts");
+    conn2.close("done");
+    site.shutdown().await;
+}

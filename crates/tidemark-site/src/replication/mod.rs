@@ -551,8 +551,23 @@ async fn accept_loop(repl: Arc<Replication>) {
                         move |g| stats_repl.stats_for(g),
                     )
                     .await;
-                    if let Err(e) = result {
-                        tracing::info!(error = %e, "incoming replication session ended");
+                    match result {
+                        Err(
+                            e @ (SessionError::Protocol(_)
+                            | SessionError::Diverged(_)
+                            | SessionError::Refused(_)),
+                        ) => {
+                            // Something the partner sent was refused: operators must hear of it.
+                            tracing::warn!(error = %e, "incoming replication refused");
+                            let event = Event::now(
+                                EventSource::Site,
+                                "replication.rejected",
+                                format!("from a partner: {e}"),
+                            );
+                            repl.events.record(event);
+                        }
+                        Err(e) => tracing::info!(error = %e, "incoming replication session ended"),
+                        Ok(()) => {}
                     }
                 });
             }
