@@ -370,7 +370,8 @@ impl Journal {
         self.append_with(generation, time, |meta, prev, out| record::encode(meta, body, prev, out))
     }
 
-    /// Append a write record of borrowed data (the host write path).
+    /// Append a write record of borrowed data (the host write path). `data_hash`, when given,
+    /// is [`record::payload_hash`] of `data`, computed by the caller outside its lock.
     pub fn append_write(
         &mut self,
         generation: Generation,
@@ -378,9 +379,10 @@ impl Journal {
         volume: VolumeId,
         offset: u64,
         data: &[u8],
+        data_hash: Option<[u8; 32]>,
     ) -> Result<Appended, JournalError> {
         self.append_with(generation, time, |meta, prev, out| {
-            record::encode_write(meta, volume, offset, data, prev, out)
+            record::encode_write(meta, volume, offset, data, data_hash, prev, out)
         })
     }
 
@@ -653,6 +655,8 @@ impl Journal {
         if let Some(current) = self.segments.values().next_back() {
             current.file.sync_data().map_err(|e| JournalError::SyncFailed(e.to_string()))?;
             self.durable.fetch_max(self.next_seq.0.saturating_sub(1), Ordering::AcqRel);
+            // Sealed and clean: let its pages go, so the next segment reuses them.
+            current.file.drop_cache();
         }
         let name = segment_name(index);
         let file = self

@@ -219,29 +219,38 @@ pub struct RecordMeta {
 pub fn encode(meta: RecordMeta, body: &RecordBody, prev_chain: &ChainHash, out: &mut Vec<u8>) -> ChainHash {
     match body {
         RecordBody::Write { volume, offset, data } => {
-            encode_write(meta, *volume, *offset, data, prev_chain, out)
+            encode_write(meta, *volume, *offset, data, None, prev_chain, out)
         }
         RecordBody::Zero { volume, offset, length, mode } => {
             let flags = if *mode == ZeroMode::Allocate { FLAG_ZERO_ALLOCATE } else { 0 };
-            encode_parts(meta, (KIND_ZERO, flags), *volume, *offset, *length, &[], prev_chain, out)
+            encode_parts(meta, (KIND_ZERO, flags), *volume, *offset, *length, &[], None, prev_chain, out)
         }
         RecordBody::Control(control) => {
             let payload = postcard::to_stdvec(control).expect("control records always serialize");
-            encode_parts(meta, (KIND_CONTROL, 0), VolumeId(0), 0, 0, &payload, prev_chain, out)
+            encode_parts(meta, (KIND_CONTROL, 0), VolumeId(0), 0, 0, &payload, None, prev_chain, out)
         }
     }
 }
 
 /// Encode a write record straight from borrowed data (the hot path: no copy into a body).
+/// `data_hash`, when given, must be [`payload_hash`] of `data`: writers compute it before they
+/// take the group lock, so the expensive hashing runs on every core at once.
 pub fn encode_write(
     meta: RecordMeta,
     volume: VolumeId,
     offset: u64,
     data: &[u8],
+    data_hash: Option<[u8; 32]>,
     prev_chain: &ChainHash,
     out: &mut Vec<u8>,
 ) -> ChainHash {
-    encode_parts(meta, (KIND_WRITE, 0), volume, offset, data.len() as u64, data, prev_chain, out)
+    encode_parts(meta, (KIND_WRITE, 0), volume, offset, data.len() as u64, data, data_hash, prev_chain, out)
+}
+
+/// blake3 of a record's payload, the part of its content hash that does not depend on the
+/// record's place in the journal.
+pub fn payload_hash(payload: &[u8]) -> [u8; 32] {
+    *blake3::hash(payload).as_bytes()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -252,10 +261,15 @@ fn encode_parts(
     offset: u64,
     length: u64,
     payload: &[u8],
+    payload_hash_known: Option<[u8; 32]>,
     prev_chain: &ChainHash,
     out: &mut Vec<u8>,
 ) -> ChainHash {
     assert!(payload.len() <= PAYLOAD_BYTES_MAX, "record payload over PAYLOAD_BYTES_MAX");
+    debug_assert!(
+        payload_hash_known.is_none_or(|h| h == payload_hash(payload)),
+        "wrong precomputed payload hash"
+    );
     out.clear();
     let total_len = (HEADER_BYTES + payload.len() + TRAILER_BYTES) as u32;
     out.extend_from_slice(&RECORD_MAGIC);
@@ -271,8 +285,10 @@ fn encode_parts(
     let durable_lag = u32::try_from(meta.seq.0.saturating_sub(meta.durable.0)).unwrap_or(u32::MAX);
     out.extend_from_slice(&durable_lag.to_le_bytes());
     debug_assert_eq!(out.len(), HEADER_BYTES);
+    let header_end = out.len();
     out.extend_from_slice(payload);
-    let (content, checksum) = hashes_of(out);
+    let data_hash = payload_hash_known.unwrap_or_else(|| payload_hash(payload));
+    let (content, checksum) = hashes_of(out.get(..header_end).unwrap_or_default(), &data_hash);
     let chain = chain_next(prev_chain, &content);
     out.extend_from_slice(&checksum);
     out.extend_from_slice(&chain.0);
@@ -289,7 +305,8 @@ pub fn decode(bytes: &[u8], prev_chain: Option<&ChainHash>) -> Result<Record, De
     let record = bytes.get(..total).ok_or(DecodeError::Truncated)?;
     let (covered, trailer) = record.split_at(body_end);
     let (stored_checksum, stored_chain) = trailer.split_at(16);
-    let (content, checksum) = hashes_of(covered);
+    let (head_bytes, payload) = covered.split_at(HEADER_BYTES);
+    let (content, checksum) = hashes_of(head_bytes, &payload_hash(payload));
     if checksum != stored_checksum {
         return Err(DecodeError::ChecksumMismatch);
     }
@@ -352,19 +369,19 @@ impl From<DecodeError> for JournalError {
     }
 }
 
-/// The two hashes of an encoded record's header and payload (`bytes`):
+/// The two hashes of a record, from its encoded header and its payload's [`payload_hash`]:
 ///
-/// - the *content hash*: blake3 of the header with the durable-lag field zeroed, and the payload,
-///   first 16 bytes. It depends only on what the record says, so two sites holding the same
-///   history compute the same chain, which is how partners compare histories;
+/// - the *content hash*: blake3 of the header with the durable-lag field zeroed, then the
+///   payload hash; first 16 bytes. It depends only on what the record says, so two sites
+///   holding the same history compute the same chain, which is how partners compare histories;
 /// - the *checksum*: blake3 of the content hash and the durable-lag field, first 16 bytes,
 ///   stored in the record. It protects every byte, the site-local lag included.
-pub fn hashes_of(bytes: &[u8]) -> ([u8; 16], [u8; 16]) {
-    let lag = bytes.get(DURABLE_LAG_OFFSET..HEADER_BYTES).unwrap_or_default();
+pub fn hashes_of(header: &[u8], payload_hash: &[u8; 32]) -> ([u8; 16], [u8; 16]) {
+    let lag = header.get(DURABLE_LAG_OFFSET..HEADER_BYTES).unwrap_or_default();
     let mut hasher = blake3::Hasher::new();
-    hasher.update(bytes.get(..DURABLE_LAG_OFFSET).unwrap_or_default());
+    hasher.update(header.get(..DURABLE_LAG_OFFSET).unwrap_or_default());
     hasher.update(&[0; HEADER_BYTES - DURABLE_LAG_OFFSET]);
-    hasher.update(bytes.get(HEADER_BYTES..).unwrap_or_default());
+    hasher.update(payload_hash);
     let content = truncate16(hasher.finalize().as_bytes());
     let mut hasher = blake3::Hasher::new();
     hasher.update(&content);

@@ -34,6 +34,9 @@ pub trait StorageFile: Send + Sync {
     /// The allocated (data) ranges within `[offset, offset+len)`, as `(start, end)` byte pairs
     /// in order. May over-report (a range that reads as zeroes), never under-report.
     fn data_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64)>>;
+    /// Tell the kernel the file's cached pages will not be needed soon (after it was synced),
+    /// so that new writes reuse those pages instead of touching fresh memory. A hint only.
+    fn drop_cache(&self) {}
 }
 
 /// A flat directory of files.
@@ -112,6 +115,10 @@ impl StorageFile for OsFile {
         use rustix::fs::{fallocate, FallocateFlags};
         fallocate(&self.0, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len)
             .map_err(io::Error::from)
+    }
+    fn drop_cache(&self) {
+        // A hint: failure changes nothing but memory use.
+        let _ = rustix::fs::fadvise(&self.0, 0, None, rustix::fs::Advice::DontNeed);
     }
     fn data_ranges(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
         use rustix::fs::{seek, SeekFrom};
