@@ -2,13 +2,14 @@
 //!
 //! Crash safety rests on three rules (argued in docs/internals/journal.md):
 //! 1. A record is appended whole after the previous one; nothing is ever overwritten.
-//! 2. A segment is synced before the next one is created, and a new segment's header and
-//!    directory entry are durable before any record goes into it. So only the newest segment
-//!    can have an unsynced tail.
+//! 2. A new segment's header and directory entry are durable before any record goes into it.
+//!    A sealed segment is synced by the next flush, together with the newest one (not when it
+//!    is sealed: that fsync would stall every writer under the group lock).
 //! 3. Recovery accepts a record only when its checksum, its seq (previous + 1) and its chain hash
-//!    (from the previous record) all hold. The first failure in the newest segment is a torn
-//!    tail only if no valid record follows it; anything else is corruption, reported with the
-//!    segment and offset, and the journal refuses to open.
+//!    (from the previous record) all hold. The first failure is corruption only if a later
+//!    record (in that segment or a later one) verifies and says it was written after the failed
+//!    one was durable; otherwise it is an unsynced tail, cut there with every later segment.
+//!    Corruption is reported with the segment and offset, and the journal refuses to open.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -72,17 +73,25 @@ pub struct Appended {
 /// What a flush must sync to make every record up to `upto` durable. Taken under the group's
 /// lock, synced outside it, so one fdatasync covers every writer that came before (group commit).
 pub struct SyncTicket {
-    /// The file to sync (earlier segments were synced when they were closed).
+    /// The newest segment's file.
     pub file: Arc<dyn StorageFile>,
+    /// Sealed segments not yet synced, oldest first.
+    sealed: Vec<Arc<dyn StorageFile>>,
     /// The newest seq the sync covers.
     pub upto: Seq,
     durable: Arc<AtomicU64>,
 }
 
 impl SyncTicket {
-    /// fdatasync the file; on success every record up to `upto` is durable, and records
-    /// appended from now on say so (see [`RecordHeader::durable_lag`]).
+    /// fdatasync the sealed segments and the newest one; on success every record up to `upto`
+    /// is durable, and records appended from now on say so (see [`RecordHeader::durable_lag`]).
     pub fn sync(&self) -> std::io::Result<()> {
+        for file in &self.sealed {
+            file.sync_data()?;
+            // Sealed and clean: let its pages go, so new appends reuse them instead of
+            // touching fresh memory.
+            file.drop_cache();
+        }
         self.file.sync_data()?;
         self.durable.fetch_max(self.upto.0, Ordering::AcqRel);
         Ok(())
@@ -118,6 +127,8 @@ pub struct Journal {
     encode_buf: Vec<u8>,
     /// Newest seq known to be durable.
     durable: Arc<AtomicU64>,
+    /// Sealed segments not yet synced, with their last seq: the next flush syncs them.
+    sealed_unsynced: Vec<(Arc<dyn StorageFile>, Seq)>,
 }
 
 /// The chain hash a new journal starts from.
@@ -157,6 +168,7 @@ impl Journal {
             last_time: UnixNanos(0),
             encode_buf: Vec::new(),
             durable: Arc::new(AtomicU64::new(first_seq.0.saturating_sub(1))),
+            sealed_unsynced: Vec::new(),
         };
         journal.start_segment(0)?;
         Ok(journal)
@@ -240,19 +252,31 @@ impl Journal {
         }
         let mut report = RecoveryReport::default();
         let mut last_time = UnixNanos(0);
-        let newest = *segments.keys().next_back().unwrap_or(&first_index);
+        // Where the previous segment ended, once the scan has crossed into a later one.
+        let mut prev_end: Option<Location> = None;
         while let Some(segment) = segments.get(&location.segment) {
             let name = segment_name(location.segment);
-            // Entering a segment: its header must continue the history exactly.
+            let newest = *segments.keys().next_back().unwrap_or(&first_index);
+            // Entering a segment: its header must continue the history exactly. If it does not,
+            // the previous segment lost its unsynced tail (or something is corrupt).
             if location.offset == SEGMENT_HEADER_BYTES && segment.first_seq != next_seq {
-                return Err(JournalError::Corrupt {
-                    file: storage.describe(&name),
-                    offset: 0,
-                    reason: format!(
-                        "segment starts at seq {} but seq {} was expected",
-                        segment.first_seq.0, next_seq.0
-                    ),
-                });
+                let reason = format!(
+                    "segment starts at seq {} but seq {} was expected",
+                    segment.first_seq.0, next_seq.0
+                );
+                match prev_end {
+                    Some(at) => {
+                        cut_or_refuse(&storage, &mut segments, at, next_seq, &reason, &mut report)?;
+                        break;
+                    }
+                    None => {
+                        return Err(JournalError::Corrupt {
+                            file: storage.describe(&name),
+                            offset: 0,
+                            reason,
+                        })
+                    }
+                }
             }
             // One outcome for both ways a record can fail: unreadable bytes, or bytes that do
             // not decode and chain.
@@ -279,23 +303,16 @@ impl Journal {
                     if location.segment == newest {
                         break;
                     }
+                    prev_end = Some(location);
                     location = Location { segment: location.segment + 1, offset: SEGMENT_HEADER_BYTES };
                 }
                 Err(e) => {
-                    Self::handle_bad_record(
-                        &storage,
-                        segment,
-                        &name,
-                        location,
-                        newest,
-                        next_seq,
-                        e,
-                        &mut report,
-                    )?;
+                    cut_or_refuse(&storage, &mut segments, location, next_seq, &e.to_string(), &mut report)?;
                     break;
                 }
             }
         }
+        let newest = *segments.keys().next_back().unwrap_or(&first_index);
         if let Some(seg) = segments.get_mut(&newest) {
             seg.len = seg
                 .file
@@ -318,46 +335,9 @@ impl Journal {
             last_time,
             encode_buf: Vec::new(),
             durable,
+            sealed_unsynced: Vec::new(),
         };
         Ok((journal, report))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn handle_bad_record(
-        storage: &Arc<dyn Storage>,
-        segment: &Segment,
-        name: &str,
-        location: Location,
-        newest: u64,
-        next_seq: Seq,
-        error: DecodeError,
-        report: &mut RecoveryReport,
-    ) -> Result<(), JournalError> {
-        let corrupt = |reason: String| JournalError::Corrupt {
-            file: storage.describe(name),
-            offset: location.offset,
-            reason,
-        };
-        if location.segment != newest {
-            return Err(corrupt(format!("{error} in a sealed segment")));
-        }
-        if let Some(offset) = find_valid_record_after(&*segment.file, location.offset, segment.len, next_seq)
-        {
-            return Err(corrupt(format!(
-                "{error}, and the record at offset {offset} was written after this one was durable"
-            )));
-        }
-        let discarded = segment.len - location.offset;
-        segment
-            .file
-            .set_len(location.offset)
-            .map_err(|e| JournalError::io("truncate torn tail", storage.describe(name), e))?;
-        segment
-            .file
-            .sync_data()
-            .map_err(|e| JournalError::io("sync truncated segment", storage.describe(name), e))?;
-        report.torn_tail = Some((location.segment, location.offset, discarded));
-        Ok(())
     }
 
     /// Append a record; returns its seq and location. Not durable until a sync covers it.
@@ -463,10 +443,17 @@ impl Journal {
     }
 
     /// What to sync so that every record appended so far is durable.
-    pub fn sync_ticket(&self) -> Option<SyncTicket> {
+    pub fn sync_ticket(&mut self) -> Option<SyncTicket> {
+        let durable = self.durable_seq();
+        self.sealed_unsynced.retain(|(_, last)| *last > durable);
         let (index, _) = self.tail_segment();
         let segment = self.segments.get(&index)?;
-        Some(SyncTicket { file: segment.file.clone(), upto: self.last_seq(), durable: self.durable.clone() })
+        Some(SyncTicket {
+            file: segment.file.clone(),
+            sealed: self.sealed_unsynced.iter().map(|(f, _)| f.clone()).collect(),
+            upto: self.last_seq(),
+            durable: self.durable.clone(),
+        })
     }
 
     /// The file of segment `index`, for reading record data outside the group lock.
@@ -653,10 +640,10 @@ impl Journal {
     /// goes into it.
     fn start_segment(&mut self, index: u64) -> Result<(), JournalError> {
         if let Some(current) = self.segments.values().next_back() {
-            current.file.sync_data().map_err(|e| JournalError::SyncFailed(e.to_string()))?;
-            self.durable.fetch_max(self.next_seq.0.saturating_sub(1), Ordering::AcqRel);
-            // Sealed and clean: let its pages go, so the next segment reuses them.
-            current.file.drop_cache();
+            // Sealed, but not synced here: the next flush syncs it (outside the group lock) with
+            // the new tail. Recovery tells a lost unsynced tail of a sealed segment from
+            // corruption the same way as for the newest one.
+            self.sealed_unsynced.push((current.file.clone(), Seq(self.next_seq.0.saturating_sub(1))));
         }
         let name = segment_name(index);
         let file = self
@@ -769,6 +756,60 @@ fn encode_segment_header(group_id: u64, index: u64, first_seq: Seq, prev_chain: 
     let checksum = record::checksum_of(&out);
     out.extend_from_slice(&checksum);
     out
+}
+
+/// Damage at `at` (where seq `next_seq` should be): corruption if any later record, in this
+/// segment or a later one, verifies and says it was written after `next_seq` was durable;
+/// otherwise an unsynced tail, cut off here together with every later segment.
+fn cut_or_refuse(
+    storage: &Arc<dyn Storage>,
+    segments: &mut BTreeMap<u64, Segment>,
+    at: Location,
+    next_seq: Seq,
+    what: &str,
+    report: &mut RecoveryReport,
+) -> Result<(), JournalError> {
+    let name = segment_name(at.segment);
+    for (&index, segment) in segments.range(at.segment..) {
+        let from = if index == at.segment { at.offset } else { SEGMENT_HEADER_BYTES - 1 };
+        if let Some(offset) = find_valid_record_after(&*segment.file, from, segment.len, next_seq) {
+            return Err(JournalError::Corrupt {
+                file: storage.describe(&name),
+                offset: at.offset,
+                reason: format!(
+                    "{what}, and the record at offset {offset} of {} was written after seq {} was durable",
+                    segment_name(index),
+                    next_seq.0
+                ),
+            });
+        }
+    }
+    let mut discarded = 0;
+    let later: Vec<u64> = segments.range(at.segment + 1..).map(|(&i, _)| i).collect();
+    for index in later {
+        if let Some(segment) = segments.remove(&index) {
+            discarded += segment.len;
+        }
+        let later_name = segment_name(index);
+        storage
+            .remove(&later_name)
+            .map_err(|e| JournalError::io("remove cut segment", storage.describe(&later_name), e))?;
+    }
+    if let Some(segment) = segments.get_mut(&at.segment) {
+        discarded += segment.len.saturating_sub(at.offset);
+        segment
+            .file
+            .set_len(at.offset)
+            .map_err(|e| JournalError::io("truncate torn tail", storage.describe(&name), e))?;
+        segment
+            .file
+            .sync_data()
+            .map_err(|e| JournalError::io("sync truncated segment", storage.describe(&name), e))?;
+        segment.len = at.offset;
+    }
+    storage.sync_dir().map_err(|e| JournalError::io("sync journal directory", storage.describe(""), e))?;
+    report.torn_tail = Some((at.segment, at.offset, discarded));
+    Ok(())
 }
 
 /// Parse and verify a segment header: (first seq, chain before its first record).

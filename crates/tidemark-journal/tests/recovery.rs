@@ -139,11 +139,32 @@ fn corruption_in_a_sealed_segment_is_reported() {
     let mut j = create(&storage);
     append_n(&mut j, 12);
     j.sync_ticket().expect("ticket").sync().expect("sync");
+    // Records written after that flush vouch that everything before them was durable.
+    append_n(&mut j, 2);
+    j.sync_ticket().expect("ticket").sync().expect("sync");
     let file = storage.open(&tidemark_journal::journal::segment_name(0)).expect("open");
     let len = file.len().expect("len");
-    // The last record of a sealed segment is damaged: never a torn tail.
+    // The last record of a sealed segment is damaged, and later records vouch it was durable.
     file.write_all_at(&[0xee], len - 1).expect("corrupt");
     assert!(matches!(reopen(&storage), Err(JournalError::Corrupt { .. })));
+}
+
+/// Sealed segments are synced by the next flush, not when they are sealed (that fsync used to
+/// stall every writer under the group lock). A crash can then lose the unsynced tail of a
+/// sealed segment while a later segment exists; recovery cuts both, as one torn tail.
+#[test]
+fn a_lost_unsynced_tail_of_a_sealed_segment_is_cut_with_the_later_segments() {
+    let storage = SimStorage::new();
+    let mut j = create(&storage);
+    append_n(&mut j, 2);
+    j.sync_ticket().expect("ticket").sync().expect("sync");
+    append_n(&mut j, 10);
+    assert!(j.segments().len() >= 3, "the unsynced appends crossed segments");
+    storage.sync_dir().expect("the new segments' names are durable, their data is not");
+    storage.crash(tidemark_journal::storage::CrashMode::DropUnsynced, 1);
+    let (_j, seen, report) = reopen(&storage).expect("an unsynced tail is not corruption");
+    assert_eq!(seen.len(), 2, "the synced records survive, the unsynced ones are gone");
+    assert!(report.torn_tail.is_some());
 }
 
 proptest! {
