@@ -17,6 +17,16 @@ pub enum EngineEvent {
         /// Journal bytes after trimming.
         journal_bytes: u64,
     },
+    /// The journal passed 80% of its limit: history will soon be trimmed, or, if something pins
+    /// it (an image, a partner that has not caught up), the journal will pass its limit.
+    JournalNearLimit {
+        /// Group name.
+        group: String,
+        /// Journal bytes now.
+        journal_bytes: u64,
+        /// The group's limit.
+        journal_max_bytes: u64,
+    },
     /// The journal is over its limit but an image pins the history it would trim.
     JournalPinned {
         /// Group name.
@@ -81,6 +91,7 @@ impl EngineEvent {
     pub fn kind(&self) -> &'static str {
         match self {
             EngineEvent::HistoryTrimmed { .. } => "history_trimmed",
+            EngineEvent::JournalNearLimit { .. } => "journal_near_limit",
             EngineEvent::JournalPinned { .. } => "journal_pinned",
             EngineEvent::TornTailTruncated { .. } => "torn_tail_truncated",
             EngineEvent::GroupPoisoned { .. } => "group_poisoned",
@@ -95,6 +106,7 @@ impl EngineEvent {
     pub fn group(&self) -> Option<&str> {
         match self {
             EngineEvent::HistoryTrimmed { group, .. }
+            | EngineEvent::JournalNearLimit { group, .. }
             | EngineEvent::JournalPinned { group, .. }
             | EngineEvent::TornTailTruncated { group, .. }
             | EngineEvent::GroupPoisoned { group, .. }
@@ -110,6 +122,9 @@ impl EngineEvent {
         match self {
             EngineEvent::HistoryTrimmed { group, oldest_time, journal_bytes, .. } => format!(
                 "group {group}: journal reached its size limit ({journal_bytes} bytes); history before {oldest_time} was trimmed inside the retention window"
+            ),
+            EngineEvent::JournalNearLimit { group, journal_bytes, journal_max_bytes } => format!(
+                "group {group}: journal at {journal_bytes} bytes, past 80% of its {journal_max_bytes}-byte limit; history will be trimmed or, if pinned, the limit passed"
             ),
             EngineEvent::JournalPinned { group, journal_bytes, pinned_seq } => format!(
                 "group {group}: journal is over its limit ({journal_bytes} bytes) but an image pins seq {pinned_seq}; delete old images to let history be trimmed"

@@ -118,7 +118,15 @@ pub struct Group {
     storage: Arc<dyn Storage>,
     /// Journal records replayed when the group was opened (after its checkpoint).
     pub records_replayed: u64,
+    /// Whether the journal is past [`NEAR_LIMIT_PERCENT`] of its limit (the event fires once per
+    /// crossing, and re-arms below [`NEAR_LIMIT_REARM_PERCENT`]).
+    near_limit: std::sync::atomic::AtomicBool,
 }
+
+/// The journal-near-limit event fires when the journal passes this share of its limit.
+pub const NEAR_LIMIT_PERCENT: u64 = 80;
+/// ... and can fire again once the journal is back under this share.
+pub const NEAR_LIMIT_REARM_PERCENT: u64 = 70;
 
 fn journal_config(options: &GroupOptions) -> JournalConfig {
     JournalConfig {
@@ -298,6 +306,7 @@ impl Group {
             events,
             storage,
             records_replayed: 0,
+            near_limit: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -771,6 +780,29 @@ impl Group {
     /// Advance the horizon past the oldest segments that retention or the size limit let go,
     /// never past `pin` (the oldest seq an image still needs). Returns the new horizon, if moved.
     pub fn trim(&self, pin: Option<Seq>) -> Result<Option<Seq>> {
+        let moved = self.trim_history(pin);
+        self.check_near_limit();
+        moved
+    }
+
+    /// Raise the near-limit event on the way up past 80%, once; re-arm below 70%.
+    fn check_near_limit(&self) {
+        let bytes = self.state.lock().journal.bytes();
+        let max = self.options.journal_max_bytes;
+        let over = u128::from(bytes) * 100 > u128::from(max) * u128::from(NEAR_LIMIT_PERCENT);
+        let under = u128::from(bytes) * 100 < u128::from(max) * u128::from(NEAR_LIMIT_REARM_PERCENT);
+        if over && !self.near_limit.swap(true, Ordering::AcqRel) {
+            self.events.event(EngineEvent::JournalNearLimit {
+                group: self.name.clone(),
+                journal_bytes: bytes,
+                journal_max_bytes: max,
+            });
+        } else if under {
+            self.near_limit.store(false, Ordering::Release);
+        }
+    }
+
+    fn trim_history(&self, pin: Option<Seq>) -> Result<Option<Seq>> {
         let now = self.clock.now();
         let mut moved = None;
         loop {
