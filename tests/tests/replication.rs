@@ -149,7 +149,7 @@ fn initial_sync_of_a_sparse_volume_sends_about_the_allocated_bytes() {
     // 10% allocated: 1 MiB of incompressible data at the start of every 10 MiB.
     let mut commands = Vec::new();
     for i in 0..103u64 {
-        commands.push(format!("write -P {} {} 1M", (i % 250) + 1, i * 10 << 20));
+        commands.push(format!("write -P {} {} 1M", (i % 250) + 1, (i * 10) << 20));
     }
     let mut args = vec!["-f", "raw"];
     for c in &commands {
