@@ -2,8 +2,9 @@
 //! stopped together.
 //!
 //! Start-up is ordered so that a mistake costs nothing: the data directory, the token, the
-//! event log and both listening sockets are set up before the engine opens, so a port in use
-//! or an unwritable directory stops the site before any journal is touched. Shut-down stops
+//! event log and both sockets are set up (bound) before the engine opens, so a port in use or
+//! an unwritable directory stops the site before any journal is touched; the sockets listen only
+//! once the engine is open, so a client that can connect finds a site that answers. Shut-down stops
 //! both listeners, waits a bounded time for open requests, then checkpoints the engine.
 
 use std::future::{Future, IntoFuture};
@@ -14,7 +15,7 @@ use std::time::Duration;
 
 use tidemark_engine::{Engine, EngineConfig, EngineError, SystemClock};
 use tidemark_nbd::{NbdServer, ServerConfig};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 
 use crate::api::{self, ApiSettings, ApiState};
@@ -25,6 +26,9 @@ use crate::replication::session::SessionConfig;
 use crate::replication::{Replication, ReplicationConfig};
 use crate::token::{ApiToken, TokenError, TOKEN_FILE_NAME};
 use tidemark_link::LinkProfile;
+
+/// Connections the kernel queues for each listener before the site accepts them.
+const LISTEN_BACKLOG: u32 = 1024;
 
 /// How long shut-down waits for open NBD connections and API requests to finish, in seconds,
 /// before it closes them and checkpoints the engine anyway.
@@ -104,18 +108,20 @@ impl Site {
         let token = ApiToken::load_or_create(&data_dir)?;
         let events = Arc::new(EventLog::open(&data_dir, config.limits.events_file_bytes_max)?);
 
-        let bind = |service: &'static str, addr: SocketAddr| async move {
-            let listener = TcpListener::bind(addr).await.map_err(|source| SiteError::Listen {
-                service,
-                addr,
-                source,
-            })?;
-            let local =
-                listener.local_addr().map_err(|source| SiteError::Listen { service, addr, source })?;
-            Ok::<_, SiteError>((listener, local))
+        // Bind now, so a port in use stops the site before any journal is touched; listen only
+        // once the engine is open, so that a client (or a health check) that can connect finds
+        // a site that answers, even after a long journal rebuild.
+        let bind = |service: &'static str, addr: SocketAddr| {
+            let err = move |source| SiteError::Listen { service, addr, source };
+            let socket =
+                if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(err)?;
+            socket.set_reuseaddr(true).map_err(err)?;
+            socket.bind(addr).map_err(err)?;
+            let local = socket.local_addr().map_err(err)?;
+            Ok::<_, SiteError>((socket, local, err))
         };
-        let (nbd_listener, nbd_addr) = bind("nbd", config.nbd.listen).await?;
-        let (api_listener, api_addr) = bind("api", config.api.listen).await?;
+        let (nbd_socket, nbd_addr, nbd_err) = bind("nbd", config.nbd.listen)?;
+        let (api_socket, api_addr, api_err) = bind("api", config.api.listen)?;
 
         let engine_config = EngineConfig::new(data_dir.clone(), events.clone());
         let engine = tokio::task::spawn_blocking(move || Engine::open(engine_config, Arc::new(SystemClock)))
@@ -148,6 +154,8 @@ impl Site {
         let replication =
             Replication::start(engine.clone(), events.clone(), &data_dir, &config.site.name, repl_config)
                 .map_err(|e| SiteError::Replication(Box::new(e)))?;
+        let nbd_listener = nbd_socket.listen(LISTEN_BACKLOG).map_err(nbd_err)?;
+        let api_listener = api_socket.listen(LISTEN_BACKLOG).map_err(api_err)?;
         Ok(Site {
             config,
             engine,
