@@ -197,6 +197,8 @@ fn fio_verifies_concurrent_out_of_order_io() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            // No verify state file: fio would leave it in the working directory (the repo).
+            "--verify_state_save=0",
             "--output-format=json",
         ],
     );
