@@ -1020,7 +1020,6 @@ impl Group {
             oldest: st.point_info(st.control.horizon),
             newest: st.point_info(last_seq),
             journal_bytes: st.journal.bytes(),
-            index_versions: st.index.values().map(|i| i.version_count() as u64).sum(),
         }
     }
 }
@@ -1054,8 +1053,6 @@ pub struct GroupSummary {
     pub newest: PointInfo,
     /// Journal bytes.
     pub journal_bytes: u64,
-    /// Block versions held in the index.
-    pub index_versions: u64,
 }
 
 /// One record's worth of a write, hashed ahead of the lock.

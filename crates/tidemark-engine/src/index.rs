@@ -104,11 +104,6 @@ impl VolumeIndex {
         self.blocks.iter().map(|(&b, v)| (b, v))
     }
 
-    /// Number of versions held.
-    pub fn version_count(&self) -> usize {
-        self.blocks.values().map(|v| v.0.len()).sum()
-    }
-
     /// Drop every version with seq <= `upto`; returns for each affected block the newest such
     /// version (what the base image must now hold).
     pub fn take_through(&mut self, blocks: impl IntoIterator<Item = u64>, upto: Seq) -> Vec<(u64, Version)> {
@@ -128,15 +123,6 @@ impl VolumeIndex {
             }
         }
         moved
-    }
-
-    /// Drop every version with seq > `after` (used when a resumed checkpoint is ahead of what
-    /// the journal kept, which cannot happen when syncs precede checkpoints; kept for safety).
-    pub fn truncate_after(&mut self, after: Seq) {
-        self.blocks.retain(|_, versions| {
-            versions.0.retain(|v| v.seq <= after.0);
-            !versions.0.is_empty()
-        });
     }
 
     /// Rebuild from (block, versions) pairs.
