@@ -245,13 +245,10 @@ impl Group {
                 None
             }
         };
-        let mut first = true;
+        // Replay goes through the same `apply` as live writes (which also starts the table of
+        // record times at the first record replayed when there was no checkpoint).
         let (journal, report) =
             Journal::open(storage.clone(), id, journal_config(&options), resume, |record, location| {
-                if first && resume.is_none() {
-                    state.times_first_seq = record.seq;
-                    first = false;
-                }
                 state.apply(record, location).map_err(|e| JournalError::Invalid(e.to_string()))
             })?;
         let mut state = GroupState { journal, tables: state };
