@@ -230,11 +230,16 @@ fn site(api: &ApiClient, json: bool) -> Result<()> {
 
 fn partner(api: &ApiClient, json: bool, command: &PartnerCommand) -> Result<()> {
     match command {
-        PartnerCommand::Add { name, address, fingerprint } => {
+        PartnerCommand::Add { name, address, fingerprint, bandwidth_limit_mbit } => {
             validate_name("partner", name)?;
             let p = api.post(
                 "/v1/partners",
-                &json!({ "name": name, "address": address, "fingerprint": fingerprint }),
+                &json!({
+                    "name": name,
+                    "address": address,
+                    "fingerprint": fingerprint,
+                    "bandwidth_limit_mbit": bandwidth_limit_mbit,
+                }),
             )?;
             if json {
                 return print_json(&p);
@@ -251,9 +256,11 @@ fn partner(api: &ApiClient, json: bool, command: &PartnerCommand) -> Result<()> 
             if json {
                 return print_json(&partners);
             }
-            let mut table = Table::new(&["NAME", "ADDRESS", "FINGERPRINT"]);
+            let mut table = Table::new(&["NAME", "ADDRESS", "LIMIT", "FINGERPRINT"]);
             for p in list(&partners) {
-                table.row(vec![text(p, "name"), text(p, "address"), text(p, "fingerprint")]);
+                let limit =
+                    p["bandwidth_limit_mbit"].as_u64().map_or("none".into(), |m| format!("{m} Mbit/s"));
+                table.row(vec![text(p, "name"), text(p, "address"), limit, text(p, "fingerprint")]);
             }
             table.print()?;
         }

@@ -170,6 +170,9 @@ pub enum PartnerCommand {
         /// Its certificate fingerprint, as `tidemark site show` prints it there.
         #[arg(long, value_name = "SHA256")]
         fingerprint: String,
+        /// Most megabits per second sent to it, over all its groups [default: no limit].
+        #[arg(long, value_name = "MBIT")]
+        bandwidth_limit_mbit: Option<u64>,
     },
     /// List partners.
     List,

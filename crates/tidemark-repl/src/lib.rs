@@ -3,10 +3,12 @@
 //! deterministically under loss, delay, reordering, duplication and crashes. The QUIC
 //! transport (`tidemark-link`) and the site's tasks are a thin shell around it.
 
+pub mod bucket;
 pub mod receiver;
 pub mod sender;
 pub mod wire;
 
+pub use bucket::TokenBucket;
 pub use receiver::{Receiver, ReceiverError};
 pub use sender::{BatchPlan, Pending, Sender, SenderConfig, SenderError, SenderState};
 pub use wire::{BatchFrame, GroupPosition, Message, WireError, PROTOCOL_VERSION};

@@ -159,13 +159,15 @@ pub struct AddPartner {
     name: String,
     address: String,
     fingerprint: String,
+    bandwidth_limit_mbit: Option<u64>,
 }
 
 pub async fn add_partner(
     State(state): State<Arc<ApiState>>,
     ApiJson(req): ApiJson<AddPartner>,
 ) -> ApiResult<(StatusCode, Json<Partner>)> {
-    let partner = state.replication.add_partner(&req.name, &req.address, &req.fingerprint)?;
+    let partner =
+        state.replication.add_partner(&req.name, &req.address, &req.fingerprint, req.bandwidth_limit_mbit)?;
     Ok((StatusCode::CREATED, Json(partner)))
 }
 

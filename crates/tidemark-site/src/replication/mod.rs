@@ -25,7 +25,10 @@ use tidemark_link::{Fingerprint, FrameReader, FrameWriter, Identity, Link, LinkP
 use tokio::sync::{mpsc, watch};
 
 use crate::events::{Event, EventLog, EventSource};
-use session::{run_primary, run_secondary, Channel, ReplState, ReplStats, SessionConfig, SessionError};
+use session::{
+    run_primary, run_secondary, Channel, Limiter, PrimaryContext, ReplState, ReplStats, SessionConfig,
+    SessionError,
+};
 
 /// File of partners and protections in the data directory.
 pub const STORE_FILE_NAME: &str = "replication.json";
@@ -59,6 +62,9 @@ pub struct Partner {
     pub address: String,
     /// SHA-256 fingerprint of its certificate (`sha256:...`).
     pub fingerprint: String,
+    /// Most megabits per second sent to it, over all its groups (`None`: no limit).
+    #[serde(default)]
+    pub bandwidth_limit_mbit: Option<u64>,
 }
 
 /// A group this site protects to a partner.
@@ -182,6 +188,8 @@ pub struct Replication {
     store: Mutex<Store>,
     stats: Mutex<HashMap<String, Arc<ReplStats>>>,
     tasks: Mutex<HashMap<String, Task>>,
+    /// Bandwidth limits by partner name, shared by the partner's groups.
+    limiters: Mutex<HashMap<String, Arc<Mutex<Limiter>>>>,
     /// Itself, so that tasks it starts can hold it.
     me: std::sync::Weak<Replication>,
 }
@@ -218,6 +226,7 @@ impl Replication {
             store: Mutex::new(store),
             stats: Mutex::new(HashMap::new()),
             tasks: Mutex::new(HashMap::new()),
+            limiters: Mutex::new(HashMap::new()),
         });
         tokio::spawn(accept_loop(repl.clone()));
         let protections: Vec<Protection> = repl.store.lock().protections.values().cloned().collect();
@@ -242,14 +251,23 @@ impl Replication {
         name: &str,
         address: &str,
         fingerprint: &str,
+        bandwidth_limit_mbit: Option<u64>,
     ) -> Result<Partner, ReplicationError> {
+        if bandwidth_limit_mbit == Some(0) {
+            return Err(ReplicationError::Invalid("a bandwidth limit must be at least 1 Mbit/s".into()));
+        }
         crate::names::validate_name("partner", name).map_err(|e| ReplicationError::Invalid(e.to_string()))?;
         if address.rsplit_once(':').is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
         {
             return Err(ReplicationError::Invalid(format!("address {address:?} is not HOST:PORT")));
         }
         let fp = parse_fingerprint(fingerprint)?;
-        let partner = Partner { name: name.into(), address: address.into(), fingerprint: fp.to_string() };
+        let partner = Partner {
+            name: name.into(),
+            address: address.into(),
+            fingerprint: fp.to_string(),
+            bandwidth_limit_mbit,
+        };
         let mut store = self.store.lock();
         if store.partners.contains_key(name) {
             return Err(ReplicationError::PartnerExists(name.into()));
@@ -279,6 +297,7 @@ impl Replication {
         next.partners.remove(name);
         save_store(&self.store_path, &next)?;
         *store = next;
+        self.limiters.lock().remove(name);
         self.trust.remove(&parse_fingerprint(&partner.fingerprint)?);
         Ok(())
     }
@@ -519,16 +538,21 @@ async fn protect_once(
     let handle = repl.engine.group_handle(group)?;
     let (engine, name) = (repl.engine.clone(), group.to_string());
     let hold = move |acked: Seq| engine.pin(&name, PIN_HOLDER, Some(acked));
-    let result = run_primary(
-        handle,
-        repl.site_name.clone(),
-        pump(writer, reader),
-        stats.clone(),
-        repl.config.session,
-        stop,
+    let limiter = partner.bandwidth_limit_mbit.map(|mbit| {
+        repl.limiters
+            .lock()
+            .entry(partner.name.clone())
+            .or_insert_with(|| Arc::new(Mutex::new(Limiter::new(mbit))))
+            .clone()
+    });
+    let context = PrimaryContext {
+        site: repl.site_name.clone(),
+        stats: stats.clone(),
+        config: repl.config.session,
         hold,
-    )
-    .await;
+        limiter,
+    };
+    let result = run_primary(handle, pump(writer, reader), context, stop).await;
     if result.is_ok() {
         connection.close("stopped");
     }

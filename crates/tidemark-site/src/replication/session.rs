@@ -27,6 +27,34 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(5);
 /// durable (one group commit) when they have waited this long.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(20);
 
+/// A partner's bandwidth limit, shared by every group replicated to it.
+#[derive(Debug)]
+pub struct Limiter {
+    origin: Instant,
+    bucket: tidemark_repl::TokenBucket,
+}
+
+impl Limiter {
+    /// A limit of `mbit_per_second`, with bursts of a tenth of a second's worth (at least 64 KiB).
+    pub fn new(mbit_per_second: u64) -> Limiter {
+        let rate = mbit_per_second.saturating_mul(1_000_000) / 8;
+        Limiter {
+            origin: Instant::now(),
+            bucket: tidemark_repl::TokenBucket::new(rate.max(1), (rate / 10).max(64 << 10), Duration::ZERO),
+        }
+    }
+
+    /// How long to wait before sending `bytes` on the wire.
+    pub fn wait_for(&mut self, bytes: u64) -> Duration {
+        self.bucket.take(self.origin.elapsed(), bytes)
+    }
+
+    /// Bytes that went through the limit so far.
+    pub fn taken_bytes_total(&self) -> u64 {
+        self.bucket.taken_bytes_total()
+    }
+}
+
 /// Frames in and out of one stream.
 pub struct Channel {
     /// Frames to send.
@@ -179,22 +207,35 @@ fn to_wire(p: &Position) -> GroupPosition {
     }
 }
 
+/// What a primary session needs besides its group, stream and stop signal.
+pub struct PrimaryContext<H> {
+    /// This site's name, for the partner's logs.
+    pub site: String,
+    /// The group's counters.
+    pub stats: Arc<ReplStats>,
+    /// Batching and compression.
+    pub config: SessionConfig,
+    /// Called with every newly acknowledged seq (see [`run_primary`]).
+    pub hold: H,
+    /// The partner's bandwidth limit, if it has one.
+    pub limiter: Option<Arc<Mutex<Limiter>>>,
+}
+
 /// Run the primary's side for `group` until the stream ends, the partner refuses, or `stop`.
 /// `hold(seq)` is called with every newly acknowledged seq: history after it must not be
-/// trimmed, since the partner still needs it.
+/// trimmed, since the partner still needs it. With a `limiter`, each batch waits for its share
+/// of the partner's bandwidth limit before it is sent.
 ///
 /// # Cancel safety
 /// Dropping the future loses only in-flight batches, which the next session sends again from
 /// the partner's position.
 pub async fn run_primary(
     group: Arc<Group>,
-    site: String,
     mut ch: Channel,
-    stats: Arc<ReplStats>,
-    config: SessionConfig,
+    context: PrimaryContext<impl Fn(Seq) + Send>,
     mut stop: watch::Receiver<bool>,
-    hold: impl Fn(Seq) + Send,
 ) -> Result<(), SessionError> {
+    let PrimaryContext { site, stats, config, hold, limiter } = context;
     stats.set_state(ReplState::Connecting);
     let epoch = Instant::now();
     let g = group.clone();
@@ -289,6 +330,12 @@ pub async fn run_primary(
             let Some((frame, next, raw_bytes)) = built else { break };
             let (first, last) = (frame.first_seq, frame.last_seq);
             let compressed = frame.payload.len() as u64;
+            if let Some(limiter) = &limiter {
+                let wait = limiter.lock().wait_for(compressed);
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+            }
             send(&ch, &Message::Batch(frame)).await?;
             sender.on_sent(first, last, raw_bytes, epoch.elapsed());
             flights.push_back((last, next));
