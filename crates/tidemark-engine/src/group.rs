@@ -402,18 +402,24 @@ impl Group {
     }
 
     /// Write whole or partial blocks of `volume`.
-    pub fn write(&self, volume: VolumeId, offset: u64, data: &[u8]) -> Result<Seq> {
+    /// `block_size_bytes` is the block size the caller knows the volume by (an export learns it
+    /// when it is opened): the data is hashed and checksummed in blocks of that size before the
+    /// group lock is taken, which is most of a write's CPU and, outside the lock, runs on every
+    /// core at once. It is checked under the lock; if it is stale the work is redone there.
+    pub fn write(&self, volume: VolumeId, block_size_bytes: u32, offset: u64, data: &[u8]) -> Result<Seq> {
         self.check_writable()?;
-        let bs = u64::from(self.state.lock().volume(volume, &self.name)?.meta.block_size_bytes);
-        let aligned = offset.is_multiple_of(bs) && (data.len() as u64).is_multiple_of(bs);
-        // Hash and checksum the data before taking the group lock: that is most of a write's
-        // CPU, and outside the lock it runs on every core at once.
-        let prepared = aligned.then(|| prepare(data, bs as usize));
+        let hint = u64::from(block_size_bytes.max(1));
+        let aligned = offset.is_multiple_of(hint) && (data.len() as u64).is_multiple_of(hint);
+        let prepared = aligned.then(|| prepare(data, hint as usize));
         let mut st = self.state.lock();
         let meta = st.volume(volume, &self.name)?.meta.clone();
         check_range(&meta, offset, data.len() as u64)?;
-        if let Some(prepared) = prepared {
+        let bs = u64::from(meta.block_size_bytes);
+        if let Some(prepared) = prepared.filter(|_| bs == hint) {
             return self.append_prepared(&mut st, &meta, offset, data, &prepared);
+        }
+        if offset.is_multiple_of(bs) && (data.len() as u64).is_multiple_of(bs) {
+            return self.append_aligned(&mut st, &meta, offset, data);
         }
         // Read-modify-write of the partial edge blocks, under the lock so that concurrent
         // unaligned writes to one block cannot lose each other's bytes.

@@ -728,16 +728,21 @@ impl Engine {
     pub fn open_export(&self, name: &str) -> Option<Arc<ExportHandle>> {
         if let Some((image_name, volume)) = name.split_once('/') {
             let image = self.images.read().get(image_name)?.clone();
-            let id = image.group.with_state(|st| st.volume_id(volume))?;
+            let (id, block_size_bytes) = image.group.with_state(|st| {
+                let id = st.volume_id(volume)?;
+                Some((id, st.volume_meta(id)?.block_size_bytes))
+            })?;
             return Some(Arc::new(ExportHandle {
                 name: name.into(),
                 group: image.group.clone(),
                 volume: id,
+                block_size_bytes,
                 image: Some(image),
             }));
         }
         let (group, volume) = self.find_volume(name).ok()?;
-        Some(Arc::new(ExportHandle { name: name.into(), group, volume, image: None }))
+        let block_size_bytes = group.with_state(|st| st.volume_meta(volume))?.block_size_bytes;
+        Some(Arc::new(ExportHandle { name: name.into(), group, volume, block_size_bytes, image: None }))
     }
 }
 
@@ -746,6 +751,8 @@ pub struct ExportHandle {
     name: String,
     group: Arc<Group>,
     volume: VolumeId,
+    /// The volume's block size, learned at open so writes can hash before the group lock.
+    block_size_bytes: u32,
     image: Option<Arc<Image>>,
 }
 
@@ -800,7 +807,7 @@ impl ExportHandle {
             image.write(self.volume, offset, data)?;
             return if durability == Durability::Fua { image.flush() } else { Ok(()) };
         }
-        let seq = self.group.write(self.volume, offset, data)?;
+        let seq = self.group.write(self.volume, self.block_size_bytes, offset, data)?;
         if durability == Durability::Fua {
             self.group.sync_through(seq)?;
         }

@@ -17,21 +17,47 @@ const VOLUMES: [(u32, u32, u64); 2] = [(1, 4096, 64 << 10), (2, 512, 16 << 10)];
 
 #[derive(Clone, Debug)]
 enum Op {
-    Write { vol: usize, block: u64, blocks: u64, fill: u8 },
-    Unaligned { vol: usize, offset: u64, len: u64, fill: u8 },
-    Zero { vol: usize, block: u64, blocks: u64, keep_allocated: bool },
+    /// `stale_hint`: the caller passes the other volume's block size (as an export opened
+    /// before its volume was deleted and its id reused would); the write must still be right.
+    Write {
+        vol: usize,
+        block: u64,
+        blocks: u64,
+        fill: u8,
+        stale_hint: bool,
+    },
+    Unaligned {
+        vol: usize,
+        offset: u64,
+        len: u64,
+        fill: u8,
+    },
+    Zero {
+        vol: usize,
+        block: u64,
+        blocks: u64,
+        keep_allocated: bool,
+    },
     Flush,
     Bookmark,
-    Rollback { back: usize },
+    Rollback {
+        back: usize,
+    },
     Checkpoint,
     Trim,
-    Crash { torn: bool, seed: u64 },
-    ReadPast { back: usize },
+    Crash {
+        torn: bool,
+        seed: u64,
+    },
+    ReadPast {
+        back: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (0..2usize, 0..16u64, 1..5u64, any::<u8>()).prop_map(|(vol, block, blocks, fill)| Op::Write { vol, block, blocks, fill }),
+        6 => (0..2usize, 0..16u64, 1..5u64, any::<u8>(), proptest::bool::weighted(0.2))
+            .prop_map(|(vol, block, blocks, fill, stale_hint)| Op::Write { vol, block, blocks, fill, stale_hint }),
         2 => (0..2usize, 0..15000u64, 1..3000u64, any::<u8>()).prop_map(|(vol, offset, len, fill)| Op::Unaligned { vol, offset, len, fill }),
         2 => (0..2usize, 0..16u64, 1..6u64, any::<bool>()).prop_map(|(vol, block, blocks, keep_allocated)| Op::Zero { vol, block, blocks, keep_allocated }),
         2 => Just(Op::Flush),
@@ -122,13 +148,14 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         let pick =
             |back: usize| known.get(known.len().saturating_sub(1 + back % known.len().max(1))).copied();
         match op {
-            Op::Write { vol, block, blocks, fill } => {
+            Op::Write { vol, block, blocks, fill, stale_hint } => {
                 let (id, bs, size) = VOLUMES[vol];
                 let bs = u64::from(bs);
                 let blocks = blocks.min(size / bs - block % (size / bs));
                 let offset = (block % (size / bs)) * bs;
                 let data = vec![fill; (blocks * bs) as usize];
-                let seq = group.write(VolumeId(id), offset, &data).expect("write");
+                let hint = if stale_hint { VOLUMES[1 - vol].1 } else { VOLUMES[vol].1 };
+                let seq = group.write(VolumeId(id), hint, offset, &data).expect("write");
                 let mut next = model.current().clone();
                 next[vol][offset as usize..(offset + blocks * bs) as usize].copy_from_slice(&data);
                 model.states.insert(seq.0, next);
@@ -138,7 +165,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let offset = offset % size;
                 let len = len.min(size - offset);
                 let data = vec![fill; len as usize];
-                let seq = group.write(VolumeId(id), offset, &data).expect("unaligned write");
+                let seq = group.write(VolumeId(id), VOLUMES[vol].1, offset, &data).expect("unaligned write");
                 let mut next = model.current().clone();
                 next[vol][offset as usize..(offset + len) as usize].copy_from_slice(&data);
                 model.states.insert(seq.0, next);
@@ -264,14 +291,15 @@ fn failed_fsync_poisons_the_group_until_reopened() {
         })
         .expect("volume");
     storage.fail_syncs_after(Some(0));
-    group.write(VolumeId(1), 0, &[7u8; 4096]).expect("buffered write succeeds");
+    group.write(VolumeId(1), 4096, 0, &[7u8; 4096]).expect("buffered write succeeds");
     let err = group.flush().expect_err("flush must fail");
     assert!(err.to_string().contains("poisoned"), "{err}");
-    let err = group.write(VolumeId(1), 0, &[8u8; 4096]).expect_err("writes refused after a failed fsync");
+    let err =
+        group.write(VolumeId(1), 4096, 0, &[8u8; 4096]).expect_err("writes refused after a failed fsync");
     assert!(err.to_string().contains("restart"), "{err}");
     storage.fail_syncs_after(None);
     storage.crash(CrashMode::DropUnsynced, 1);
     let group = open(&storage, &clock);
-    group.write(VolumeId(1), 0, &[9u8; 4096]).expect("writes work after a restart");
+    group.write(VolumeId(1), 4096, 0, &[9u8; 4096]).expect("writes work after a restart");
     let _ = clock.now();
 }
