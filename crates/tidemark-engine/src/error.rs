@@ -66,6 +66,12 @@ pub enum EngineError {
         /// Group name.
         group: String,
     },
+    /// The group is handing its primary role to its partner.
+    #[error("group {group:?} is handing its primary role to its partner (a swap is under way); writes are refused until the swap finishes or is called off")]
+    RoleChanging {
+        /// Group name.
+        group: String,
+    },
     /// The partner's history differs from ours: replication of the group stops.
     #[error("group {group:?} diverged from its partner: {reason}")]
     Diverged {

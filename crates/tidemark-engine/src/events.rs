@@ -84,6 +84,39 @@ pub enum EngineEvent {
         /// Bytes rewritten.
         bytes_rewritten: u64,
     },
+    /// The group's role here changed.
+    RoleChanged {
+        /// Group name.
+        group: String,
+        /// `primary` or `secondary` before.
+        from: String,
+        /// After.
+        to: String,
+        /// Generation after.
+        generation: u64,
+        /// Why.
+        reason: String,
+    },
+    /// A returning primary kept the writes its partner never received as a salvage image.
+    SalvageKept {
+        /// Group name.
+        group: String,
+        /// The image.
+        image: String,
+        /// Last shared seq.
+        fork_seq: u64,
+        /// Blocks kept.
+        blocks: u64,
+    },
+    /// The group's history was cut back to a fork point (failback).
+    Rewound {
+        /// Group name.
+        group: String,
+        /// The fork point.
+        seq: u64,
+        /// Records removed.
+        records: u64,
+    },
 }
 
 impl EngineEvent {
@@ -99,6 +132,9 @@ impl EngineEvent {
             EngineEvent::CheckpointDiscarded { .. } => "checkpoint_discarded",
             EngineEvent::RollbackResumed { .. } => "rollback_resumed",
             EngineEvent::RollbackCompleted { .. } => "rollback_completed",
+            EngineEvent::RoleChanged { .. } => "role_changed",
+            EngineEvent::SalvageKept { .. } => "salvage_kept",
+            EngineEvent::Rewound { .. } => "rewound",
         }
     }
 
@@ -113,7 +149,10 @@ impl EngineEvent {
             | EngineEvent::GroupFailed { group, .. }
             | EngineEvent::CheckpointDiscarded { group, .. }
             | EngineEvent::RollbackResumed { group, .. }
-            | EngineEvent::RollbackCompleted { group, .. } => Some(group),
+            | EngineEvent::RollbackCompleted { group, .. }
+            | EngineEvent::RoleChanged { group, .. }
+            | EngineEvent::SalvageKept { group, .. }
+            | EngineEvent::Rewound { group, .. } => Some(group),
         }
     }
 
@@ -144,6 +183,15 @@ impl EngineEvent {
             }
             EngineEvent::RollbackCompleted { group, target, bytes_rewritten } => {
                 format!("group {group}: rolled back to seq {target}, {bytes_rewritten} bytes rewritten")
+            }
+            EngineEvent::RoleChanged { group, from, to, generation, reason } => {
+                format!("group {group}: {from} -> {to} at generation {generation} ({reason})")
+            }
+            EngineEvent::SalvageKept { group, image, fork_seq, blocks } => format!(
+                "group {group}: kept {blocks} blocks written after fork point seq {fork_seq}, which the partner never received, as image {image}"
+            ),
+            EngineEvent::Rewound { group, seq, records } => {
+                format!("group {group}: rewound to fork point seq {seq}, {records} divergent records removed")
             }
         }
     }

@@ -22,8 +22,9 @@ use crate::error::{EngineError, Result};
 use crate::events::{EngineEvent, EventSink};
 use crate::index::{Version, VolumeIndex};
 use crate::persist::{
-    read_framed, write_framed, BookmarkEntry, Checkpoint, ControlState, Role, RollbackEntry, VolumeMeta,
-    CHECKPOINT_FILE, CHECKPOINT_MAGIC, CONTROL_FILE, CONTROL_MAGIC,
+    read_control, read_framed, write_control, write_framed, BookmarkEntry, Checkpoint, ControlState,
+    ForkPoint, GenerationStart, Role, RoleChange, RollbackEntry, SwapPending, VolumeMeta, CHECKPOINT_FILE,
+    CHECKPOINT_MAGIC, CONTROL_FILE,
 };
 use crate::types::{GroupOptions, Point, PointInfo, Progress};
 use crate::Clock;
@@ -128,6 +129,101 @@ pub const NEAR_LIMIT_PERCENT: u64 = 80;
 /// ... and can fire again once the journal is back under this share.
 pub const NEAR_LIMIT_REARM_PERCENT: u64 = 70;
 
+/// Build a group's state from its files: control file, checkpoint (if usable), journal replay.
+/// A rewind recorded in the control file is finished first: the journal is cut after the rewind
+/// point and the checkpoint (which may describe later records) is discarded.
+fn load_state(
+    storage: &Arc<dyn Storage>,
+    id: u64,
+    name: &str,
+    options: &GroupOptions,
+    events: &dyn EventSink,
+) -> Result<(GroupState, tidemark_journal::journal::RecoveryReport)> {
+    let mut control: ControlState = read_control(&**storage)
+        .map_err(|reason| EngineError::Failed {
+            group: name.into(),
+            reason: format!("control file {}: {reason}", storage.describe(CONTROL_FILE).display()),
+        })?
+        .ok_or_else(|| EngineError::Failed {
+            group: name.into(),
+            reason: format!("control file {} is missing", storage.describe(CONTROL_FILE).display()),
+        })?;
+    if let Some(to) = control.rewind_to {
+        match storage.remove(CHECKPOINT_FILE) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("remove checkpoint", &**storage, CHECKPOINT_FILE)(e)),
+        }
+        storage.sync_dir().map_err(io_err("sync group directory", &**storage, ""))?;
+        let removed = tidemark_journal::journal::truncate_after(storage, id, to)?;
+        tracing::info!(group = %name, seq = to.0, bytes = removed, "journal rewound");
+        control.rewind_to = None;
+        write_control(&**storage, &control).map_err(io_err(
+            "write control file",
+            &**storage,
+            CONTROL_FILE,
+        ))?;
+    }
+    let checkpoint: Option<Checkpoint> = match read_framed(&**storage, CHECKPOINT_FILE, CHECKPOINT_MAGIC) {
+        Ok(c) => c,
+        Err(reason) => {
+            // Derived state: rebuild from the journal rather than refuse to start.
+            events.event(EngineEvent::CheckpointDiscarded { group: name.into(), reason });
+            None
+        }
+    };
+    let segment_exists = |location: Location| {
+        storage
+            .open_existing(&tidemark_journal::journal::segment_name(location.segment))
+            .ok()
+            .flatten()
+            .is_some()
+    };
+    let checkpoint = checkpoint
+        .filter(|c| c.resume.next_seq.0 > control.base_applied.0 && segment_exists(c.resume.location));
+    let mut state = Tables::new(control.clone(), storage.clone());
+    let resume = match &checkpoint {
+        Some(c) => {
+            for meta in &c.volumes {
+                state.add_volume(meta.clone());
+            }
+            for (volume, blocks) in &c.index {
+                state.index.insert(*volume, VolumeIndex::from_pairs(blocks.iter().cloned()));
+            }
+            state.bookmarks = c.bookmarks.clone();
+            state.rollbacks = c.rollbacks.clone();
+            state.times = c.times.iter().copied().collect();
+            state.times_first_seq = c.times_first_seq;
+            Some(c.resume)
+        }
+        None => {
+            for meta in &control.volumes {
+                state.add_volume(meta.clone());
+            }
+            None
+        }
+    };
+    // Replay goes through the same `apply` as live writes (which also starts the table of
+    // record times at the first record replayed when there was no checkpoint).
+    let (journal, report) =
+        Journal::open(storage.clone(), id, journal_config(options), resume, |record, location| {
+            state.apply(record, location).map_err(|e| JournalError::Invalid(e.to_string()))
+        })?;
+    let mut state = GroupState { journal, tables: state };
+    if let Some((segment, offset, bytes)) = report.torn_tail {
+        events.event(EngineEvent::TornTailTruncated { group: name.into(), segment, offset, bytes });
+    }
+    // Versions at or before base_applied are already in the base images.
+    let applied = state.control.base_applied;
+    for index in state.index.values_mut() {
+        let blocks: Vec<u64> = index.iter().map(|(b, _)| b).collect();
+        index.take_through(blocks, applied);
+    }
+    let horizon = state.control.horizon;
+    state.bookmarks.retain(|b| b.seq > horizon);
+    Ok((state, report))
+}
+
 fn journal_config(options: &GroupOptions) -> JournalConfig {
     JournalConfig {
         segment_bytes_max: (options.journal_max_bytes / 8).clamp(SEGMENT_BYTES_MIN, SEGMENT_BYTES_MAX),
@@ -167,20 +263,8 @@ impl Group {
         clock: Arc<dyn Clock>,
         events: Arc<dyn EventSink>,
     ) -> Result<Group> {
-        let control = ControlState {
-            group_id: id,
-            horizon: Seq(0),
-            horizon_time: clock.now(),
-            base_applied: Seq(0),
-            volumes: Vec::new(),
-            role,
-            generation,
-        };
-        write_framed(&*storage, CONTROL_FILE, CONTROL_MAGIC, &control).map_err(io_err(
-            "write control file",
-            &*storage,
-            CONTROL_FILE,
-        ))?;
+        let control = ControlState::new(id, clock.now(), role, generation);
+        write_control(&*storage, &control).map_err(io_err("write control file", &*storage, CONTROL_FILE))?;
         let journal =
             Journal::create(storage.clone(), id, journal_config(&options), Seq(1), genesis_chain(id))?;
         let state = GroupState { journal, tables: Tables::new(control, storage.clone()) };
@@ -188,7 +272,7 @@ impl Group {
     }
 
     /// Open an existing group: read the control file, load the checkpoint if it is usable,
-    /// replay the journal after it, finish any interrupted horizon advance or rollback.
+    /// replay the journal after it, finish any interrupted horizon advance, rewind or rollback.
     pub fn open(
         storage: Arc<dyn Storage>,
         id: u64,
@@ -197,72 +281,7 @@ impl Group {
         clock: Arc<dyn Clock>,
         events: Arc<dyn EventSink>,
     ) -> Result<Group> {
-        let control: ControlState = read_framed(&*storage, CONTROL_FILE, CONTROL_MAGIC)
-            .map_err(|reason| EngineError::Failed {
-                group: name.into(),
-                reason: format!("control file {}: {reason}", storage.describe(CONTROL_FILE).display()),
-            })?
-            .ok_or_else(|| EngineError::Failed {
-                group: name.into(),
-                reason: format!("control file {} is missing", storage.describe(CONTROL_FILE).display()),
-            })?;
-        let checkpoint: Option<Checkpoint> = match read_framed(&*storage, CHECKPOINT_FILE, CHECKPOINT_MAGIC) {
-            Ok(c) => c,
-            Err(reason) => {
-                // Derived state: rebuild from the journal rather than refuse to start.
-                events.event(EngineEvent::CheckpointDiscarded { group: name.into(), reason });
-                None
-            }
-        };
-        let segment_exists = |location: Location| {
-            storage
-                .open_existing(&tidemark_journal::journal::segment_name(location.segment))
-                .ok()
-                .flatten()
-                .is_some()
-        };
-        let checkpoint = checkpoint
-            .filter(|c| c.resume.next_seq.0 > control.base_applied.0 && segment_exists(c.resume.location));
-        let mut state = Tables::new(control.clone(), storage.clone());
-        let resume = match &checkpoint {
-            Some(c) => {
-                for meta in &c.volumes {
-                    state.add_volume(meta.clone());
-                }
-                for (volume, blocks) in &c.index {
-                    state.index.insert(*volume, VolumeIndex::from_pairs(blocks.iter().cloned()));
-                }
-                state.bookmarks = c.bookmarks.clone();
-                state.rollbacks = c.rollbacks.clone();
-                state.times = c.times.iter().copied().collect();
-                state.times_first_seq = c.times_first_seq;
-                Some(c.resume)
-            }
-            None => {
-                for meta in &control.volumes {
-                    state.add_volume(meta.clone());
-                }
-                None
-            }
-        };
-        // Replay goes through the same `apply` as live writes (which also starts the table of
-        // record times at the first record replayed when there was no checkpoint).
-        let (journal, report) =
-            Journal::open(storage.clone(), id, journal_config(&options), resume, |record, location| {
-                state.apply(record, location).map_err(|e| JournalError::Invalid(e.to_string()))
-            })?;
-        let mut state = GroupState { journal, tables: state };
-        if let Some((segment, offset, bytes)) = report.torn_tail {
-            events.event(EngineEvent::TornTailTruncated { group: name.into(), segment, offset, bytes });
-        }
-        // Versions at or before base_applied are already in the base images.
-        let applied = state.control.base_applied;
-        for index in state.index.values_mut() {
-            let blocks: Vec<u64> = index.iter().map(|(b, _)| b).collect();
-            index.take_through(blocks, applied);
-        }
-        let horizon = state.control.horizon;
-        state.bookmarks.retain(|b| b.seq > horizon);
+        let (state, report) = load_state(&storage, id, name, &options, &*events)?;
         let mut group = Group::assemble(name, id, options, state, clock, events, storage);
         group.records_replayed = report.records_scanned;
         {
@@ -273,7 +292,15 @@ impl Group {
                 group.apply_to_base(&mut st, horizon, None)?;
             }
         }
-        let pending = group.state.lock().rollbacks.last().filter(|r| r.end.is_none()).cloned();
+        // A secondary never finishes a rollback itself: the primary's records do.
+        let pending = group
+            .state
+            .lock()
+            .rollbacks
+            .last()
+            .filter(|r| r.end.is_none())
+            .cloned()
+            .filter(|_| group.role() == Role::Primary);
         if let Some(pending) = pending {
             group.events.event(EngineEvent::RollbackResumed { group: name.into(), target: pending.target.0 });
             group.run_rollback(pending.target, Some(pending.begin), &|_| {})?;
@@ -312,12 +339,11 @@ impl Group {
         self.health.read().clone()
     }
 
+    /// A fast refusal before any work; the authoritative check is made again under the group
+    /// lock, where the role cannot change, right before a record is appended.
     fn check_writable(&self) -> Result<()> {
         self.check_healthy()?;
-        if self.role() != Role::Primary {
-            return Err(EngineError::NotPrimary { group: self.name.clone() });
-        }
-        Ok(())
+        self.state.lock().check_primary(&self.name)
     }
 
     /// The group's role at this site.
@@ -328,6 +354,228 @@ impl Group {
     /// The primary generation this site knows.
     pub fn generation(&self) -> u64 {
         self.state.lock().control.generation
+    }
+
+    /// The group's role, generation and lineage as the control file holds them.
+    pub fn role_state(&self) -> RoleState {
+        let st = self.state.lock();
+        RoleState {
+            role: st.control.role,
+            generation: st.control.generation,
+            generations: st.control.generations.clone(),
+            role_changes: st.control.role_changes.clone(),
+            fork_point: st.control.fork_point,
+            swap_pending: st.control.swap_pending,
+        }
+    }
+
+    /// Become primary under `generation`, which must be newer than any this site knows, at the
+    /// newest record (made durable first). A takeover records its fork point: the last record
+    /// both sites may share. The control file is synced before the first write is admitted.
+    pub fn promote(&self, generation: u64, kind: Promotion, reason: &str) -> Result<ForkPoint> {
+        self.check_healthy()?;
+        let last = self.state.lock().journal.last_seq();
+        self.sync_through(last)?;
+        let mut st = self.state.lock();
+        if st.control.role != Role::Secondary {
+            return Err(EngineError::Conflict(format!("group {:?} is already primary here", self.name)));
+        }
+        if generation <= st.control.generation {
+            return Err(EngineError::Conflict(format!(
+                "generation {generation} is not newer than generation {} known here",
+                st.control.generation
+            )));
+        }
+        let last = st.journal.last_seq();
+        if last > self.durable_seq() {
+            return Err(EngineError::Conflict("records arrived during promotion; try again".into()));
+        }
+        let fork = ForkPoint { generation, seq: last, chain: st.journal.chain().0, time: st.time_of(last) };
+        let mut control = st.control.clone();
+        control.role = Role::Primary;
+        control.generation = generation;
+        control.generations.push(GenerationStart { generation, first_seq: Seq(last.0 + 1) });
+        if kind == Promotion::Takeover {
+            control.fork_point = Some(fork);
+        }
+        control.swap_pending = None;
+        control.note_role_change(RoleChange {
+            time: self.clock.now(),
+            from: Role::Secondary,
+            to: Role::Primary,
+            generation,
+            reason: reason.into(),
+        });
+        st.replace_control(control)?;
+        tracing::info!(group = %self.name, generation, seq = last.0, ?kind, "promoted to primary");
+        Ok(fork)
+    }
+
+    /// Become secondary because generation `generation` belongs to another primary (a partner
+    /// fenced this site, or a swap completed). Host writes are refused from the moment the
+    /// control file is synced; a divergent tail, if any, stays until [`Engine::failback`].
+    ///
+    /// [`Engine::failback`]: crate::Engine::failback
+    pub fn demote(&self, generation: u64, reason: &str) -> Result<()> {
+        let mut st = self.state.lock();
+        if st.control.role == Role::Secondary && st.control.generation >= generation {
+            return Ok(());
+        }
+        let mut control = st.control.clone();
+        let from = control.role;
+        control.role = Role::Secondary;
+        control.generation = control.generation.max(generation);
+        control.swap_pending = None;
+        control.note_role_change(RoleChange {
+            time: self.clock.now(),
+            from,
+            to: Role::Secondary,
+            generation: control.generation,
+            reason: reason.into(),
+        });
+        st.replace_control(control)?;
+        tracing::info!(group = %self.name, generation, reason, "demoted to secondary");
+        Ok(())
+    }
+
+    /// Start handing the primary role to the partner under `generation`: from now on (and
+    /// after a restart) no host write is admitted, until [`Group::demote`] finishes the swap or
+    /// [`Group::abort_swap`] calls it off. Returns the position to drain to, made durable.
+    pub fn begin_swap(&self, generation: u64) -> Result<Position> {
+        self.check_healthy()?;
+        {
+            let mut st = self.state.lock();
+            st.check_primary(&self.name)?;
+            if generation <= st.control.generation {
+                return Err(EngineError::Conflict(format!(
+                    "generation {generation} is not newer than generation {}",
+                    st.control.generation
+                )));
+            }
+            let mut control = st.control.clone();
+            control.swap_pending = Some(SwapPending { generation, last_seq: st.journal.last_seq() });
+            st.replace_control(control)?;
+        }
+        self.flush()?;
+        Ok(self.position())
+    }
+
+    /// Call off a swap that the partner never acted on: writes are admitted again.
+    pub fn abort_swap(&self) -> Result<()> {
+        let mut st = self.state.lock();
+        if st.control.swap_pending.is_none() {
+            return Ok(());
+        }
+        let mut control = st.control.clone();
+        control.swap_pending = None;
+        st.replace_control(control)
+    }
+
+    /// A secondary takes the primary's lineage (and generation) as its own once its history is a
+    /// prefix of the primary's.
+    pub fn adopt_lineage(&self, generation: u64, generations: &[GenerationStart]) -> Result<()> {
+        let mut st = self.state.lock();
+        if st.control.role != Role::Secondary {
+            return Err(EngineError::Conflict(format!("group {:?} is primary here", self.name)));
+        }
+        if st.control.generation == generation && st.control.generations == generations {
+            return Ok(());
+        }
+        if generation < st.control.generation {
+            return Err(EngineError::Conflict(format!(
+                "generation {generation} is older than generation {} known here",
+                st.control.generation
+            )));
+        }
+        let mut control = st.control.clone();
+        control.generation = generation;
+        control.generations = generations.to_vec();
+        st.replace_control(control)
+    }
+
+    /// Blocks whose content changed after `seq` (to the newest record), per volume: what a
+    /// divergent tail covers. Volumes created after `seq` are listed with all their blocks.
+    pub fn blocks_changed_after(&self, seq: Seq) -> Vec<(VolumeMeta, Vec<u64>)> {
+        let st = self.state.lock();
+        st.volumes
+            .values()
+            .map(|v| {
+                let blocks = st
+                    .index
+                    .get(&v.meta.id)
+                    .map(|index| {
+                        index
+                            .iter()
+                            .filter(|(_, versions)| versions.newest().is_some_and(|n| n.seq > seq.0))
+                            .map(|(block, _)| block)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                (v.meta.clone(), blocks)
+            })
+            .collect()
+    }
+
+    /// Names of volumes whose creation record comes after `seq`.
+    pub fn volumes_created_after(&self, seq: Seq) -> Result<Vec<String>> {
+        let (reader, mut location, last) = {
+            let st = self.state.lock();
+            let last = st.journal.last_seq();
+            if seq >= last {
+                return Ok(Vec::new());
+            }
+            (st.journal.reader(), st.journal.locate(Seq(seq.0 + 1))?, last)
+        };
+        let mut names = Vec::new();
+        let mut next = Seq(seq.0 + 1);
+        while next <= last {
+            let raw = reader.read(location, next, last, 16 << 20)?;
+            if raw.bytes.is_empty() {
+                break;
+            }
+            for record in tidemark_journal::record::decode_all(&raw.bytes).map_err(JournalError::from)? {
+                if let RecordBody::Control(Control::VolumeCreated { name, .. }) = record.body {
+                    names.push(name);
+                }
+            }
+            location = raw.next;
+            next = Seq(raw.last.0 + 1);
+        }
+        Ok(names)
+    }
+
+    /// Cut the history after `seq` and rebuild the group's state from its files, as a returning
+    /// primary does at failback. The rewind is recorded in the control file first, so a crash in
+    /// the middle is finished at the next start; readers see the state before or after, never
+    /// a mix, because the whole rebuild happens under the group lock. The group must be a
+    /// secondary; what the cut removes must have been kept elsewhere first.
+    pub fn rewind(&self, seq: Seq) -> Result<u64> {
+        let mut st = self.state.lock();
+        if st.control.role != Role::Secondary {
+            return Err(EngineError::Conflict(format!(
+                "group {:?} is primary here; only a secondary is rewound",
+                self.name
+            )));
+        }
+        let last = st.journal.last_seq();
+        if seq >= last {
+            return Ok(0);
+        }
+        if seq < st.control.base_applied {
+            return Err(EngineError::Conflict(format!(
+                "group {:?} cannot rewind to seq {}: its history starts at seq {}",
+                self.name, seq.0, st.control.base_applied.0
+            )));
+        }
+        let mut control = st.control.clone();
+        control.rewind_to = Some(seq);
+        st.replace_control(control)?;
+        let (state, report) = load_state(&self.storage, self.id, &self.name, &self.options, &*self.events)?;
+        *st = state;
+        let now_last = st.journal.last_seq();
+        self.durable_seq.store(now_last.0, Ordering::Release);
+        tracing::info!(group = %self.name, seq = seq.0, replayed = report.records_scanned, "rewound");
+        Ok(last.0 - now_last.0)
     }
 
     fn check_healthy(&self) -> Result<()> {
@@ -376,6 +624,7 @@ impl Group {
 
     /// Append `body` as the newest record and apply it.
     fn append(&self, st: &mut GroupState, body: &RecordBody) -> Result<Seq> {
+        st.check_primary(&self.name)?;
         let generation = Generation(st.control.generation);
         let appended = self.journal_result(st.journal.append(generation, self.clock.now(), body))?;
         let record = Record {
@@ -453,6 +702,7 @@ impl Group {
         data: &[u8],
         prepared: &[Prepared],
     ) -> Result<Seq> {
+        st.check_primary(&self.name)?;
         let mut last = st.journal.last_seq();
         for ((i, piece), p) in
             data.chunks(record_chunk_bytes(meta.block_size_bytes as usize)).enumerate().zip(prepared)
@@ -564,7 +814,10 @@ impl Group {
         }
         self.check_healthy()?;
         let Some(ticket) = self.state.lock().journal.sync_ticket() else { return Ok(()) };
-        match ticket.sync() {
+        let started = std::time::Instant::now();
+        let synced = ticket.sync();
+        ticket.stats.record_sync(started.elapsed());
+        match synced {
             Ok(()) => {
                 self.durable_seq.fetch_max(ticket.upto.0, Ordering::AcqRel);
                 Ok(())
@@ -579,6 +832,7 @@ impl Group {
         Position {
             group_id: self.id,
             generation: st.control.generation,
+            generations: st.control.generations.clone(),
             first_seq: st.journal.first_seq(),
             last_seq: st.journal.last_seq(),
             chain: st.journal.chain(),
@@ -656,6 +910,11 @@ impl Group {
                 },
             )
             .sum()
+    }
+
+    /// The journal's counters (appended bytes, fdatasync latency), for metrics.
+    pub fn journal_stats(&self) -> Arc<tidemark_journal::stats::JournalStats> {
+        self.state.lock().journal.stats()
     }
 
     /// Seq of the newest durable record.
@@ -1028,12 +1287,14 @@ impl Group {
 }
 
 /// A group's place in history, for replication.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Position {
     /// Group id.
     pub group_id: u64,
     /// Primary generation known here.
     pub generation: u64,
+    /// Where each generation's history begins, oldest first.
+    pub generations: Vec<GenerationStart>,
     /// Oldest seq the journal holds.
     pub first_seq: Seq,
     /// Newest seq in the journal.
@@ -1042,6 +1303,32 @@ pub struct Position {
     pub chain: ChainHash,
     /// Newest durable seq.
     pub durable_seq: Seq,
+}
+
+/// How a secondary becomes primary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Promotion {
+    /// A planned swap: both sites hold the same history, nothing forks.
+    Swap,
+    /// A takeover while the primary is unreachable: the history may fork here.
+    Takeover,
+}
+
+/// The role fields of the control file (see [`Group::role_state`]).
+#[derive(Clone, Debug)]
+pub struct RoleState {
+    /// Role here.
+    pub role: Role,
+    /// Newest generation known here.
+    pub generation: u64,
+    /// Where each generation's history begins, oldest first.
+    pub generations: Vec<GenerationStart>,
+    /// Role changes here, oldest first.
+    pub role_changes: Vec<RoleChange>,
+    /// This site's newest takeover's fork point.
+    pub fork_point: Option<ForkPoint>,
+    /// A swap started here as primary and not finished.
+    pub swap_pending: Option<SwapPending>,
 }
 
 /// Numbers `group show` reports.
@@ -1209,8 +1496,30 @@ impl Tables {
         self.volumes.insert(meta.id, VolumeState { meta, base });
     }
 
+    /// Refuse unless this site may append host records: primary, with no swap under way.
+    fn check_primary(&self, group: &str) -> Result<()> {
+        if self.control.role != Role::Primary {
+            return Err(EngineError::NotPrimary { group: group.into() });
+        }
+        if self.control.swap_pending.is_some() {
+            return Err(EngineError::RoleChanging { group: group.into() });
+        }
+        Ok(())
+    }
+
+    /// Make `control` the control state: synced to disk first, then adopted.
+    fn replace_control(&mut self, control: ControlState) -> Result<()> {
+        write_control(&*self.storage, &control).map_err(io_err(
+            "write control file",
+            &*self.storage,
+            CONTROL_FILE,
+        ))?;
+        self.control = control;
+        Ok(())
+    }
+
     fn write_control(&self) -> Result<()> {
-        write_framed(&*self.storage, CONTROL_FILE, CONTROL_MAGIC, &self.control).map_err(io_err(
+        write_control(&*self.storage, &self.control).map_err(io_err(
             "write control file",
             &*self.storage,
             CONTROL_FILE,

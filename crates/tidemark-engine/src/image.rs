@@ -17,9 +17,11 @@ use crate::catalog::ImageRecord;
 use crate::error::{EngineError, Result};
 use crate::group::Group;
 use crate::persist::{read_framed, write_framed};
-use crate::types::ImageMode;
+use crate::types::SalvageInfo;
 
 const RANGES_MAGIC: [u8; 8] = *b"TDMKOVRL";
+const SALVAGE_MAGIC: [u8; 8] = *b"TDMKSALV";
+const SALVAGE_FILE: &str = "salvage";
 
 /// Byte ranges, disjoint and merged: start -> end.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,7 +91,7 @@ impl Image {
     /// Open an image; `storage` holds the overlay of a writable image.
     pub fn open(record: ImageRecord, group: Arc<Group>, storage: Option<Arc<dyn Storage>>) -> Result<Image> {
         let mut overlays = HashMap::new();
-        if let (ImageMode::Writable, Some(st)) = (record.mode, &storage) {
+        if let (true, Some(st)) = (record.mode.has_overlay(), &storage) {
             for meta in group.volumes() {
                 let (data, ranges) = overlay_names(meta.id);
                 let file = st.open(&data).map_err(|source| EngineError::Io {
@@ -137,6 +139,22 @@ impl Image {
             }
         }
         Ok(())
+    }
+
+    /// The salvage description, for a salvage image.
+    pub fn salvage_info(&self) -> Option<SalvageInfo> {
+        let storage = self.storage.as_ref()?;
+        read_framed(&**storage, SALVAGE_FILE, SALVAGE_MAGIC).ok().flatten()
+    }
+
+    /// Record the salvage description (durably).
+    pub fn set_salvage_info(&self, info: &SalvageInfo) -> Result<()> {
+        let storage = self.storage.as_ref().ok_or_else(|| EngineError::ReadOnly(self.record.name.clone()))?;
+        write_framed(&**storage, SALVAGE_FILE, SALVAGE_MAGIC, info).map_err(|source| EngineError::Io {
+            action: "write salvage description",
+            path: storage.describe(SALVAGE_FILE),
+            source,
+        })
     }
 
     /// Write into the private overlay.

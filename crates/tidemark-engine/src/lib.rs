@@ -239,15 +239,13 @@ impl Engine {
         let mut images = BTreeMap::new();
         for record in catalog.images()? {
             let Some(GroupSlot::Open(group)) = groups.get(&record.group) else { continue };
-            let st = match record.mode {
-                ImageMode::Writable => {
-                    Some(storage.image(&record.name).map_err(|source| EngineError::Io {
-                        action: "open image directory",
-                        path: record.name.clone().into(),
-                        source,
-                    })?)
-                }
-                ImageMode::ReadOnly => None,
+            let st = match record.mode.has_overlay() {
+                true => Some(storage.image(&record.name).map_err(|source| EngineError::Io {
+                    action: "open image directory",
+                    path: record.name.clone().into(),
+                    source,
+                })?),
+                false => None,
             };
             let image = Image::open(record.clone(), group.clone(), st)?;
             images.insert(record.name.clone(), Arc::new(image));
@@ -636,6 +634,137 @@ impl Engine {
         self.rollback(group, &Point::Seq(Seq(last.begin.0 - 1)), progress)
     }
 
+    /// Take over `group` at this site (a secondary whose primary is lost): become primary under
+    /// a new generation at the newest record, then, when `at` names an earlier point, roll the
+    /// volumes back to it as a journaled operation of the new generation. Returns the fork point.
+    pub fn takeover(&self, group: &str, at: Option<&Point>, reason: &str) -> Result<persist::ForkPoint> {
+        let g = self.group_arc(group)?;
+        if g.role() != persist::Role::Secondary {
+            return Err(EngineError::Conflict(format!("group {group:?} is already primary here")));
+        }
+        // Resolve the point first: a bad point must not leave a promoted group behind.
+        let target = at.map(|p| g.resolve(p)).transpose()?;
+        let generation = g.generation() + 1;
+        let fork = g.promote(generation, group::Promotion::Takeover, reason)?;
+        self.events.event(EngineEvent::RoleChanged {
+            group: group.into(),
+            from: "secondary".into(),
+            to: "primary".into(),
+            generation,
+            reason: reason.into(),
+        });
+        if let Some(target) = target.filter(|t| *t < fork.seq) {
+            self.rollback(group, &Point::Seq(target), &|_| {})?;
+        }
+        Ok(fork)
+    }
+
+    /// Make a returning primary a secondary that continues its partner's history: keep the
+    /// records after `fork` (which the partner never received) as a read-only salvage image,
+    /// then cut them from the journal. Idempotent across crashes: a salvage image already made
+    /// for this fork is kept and the rewind finishes. Returns the salvage image, if there was a
+    /// tail. The group must already be a secondary (see [`Group::demote`]).
+    pub fn failback(&self, group: &str, fork: Seq, fork_generation: u64) -> Result<Option<ImageInfo>> {
+        let _admin = self.admin.lock();
+        let g = self.group_arc(group)?;
+        if g.role() != persist::Role::Secondary {
+            return Err(EngineError::Conflict(format!("group {group:?} must be demoted before failback")));
+        }
+        let last = g.position().last_seq;
+        if last <= fork {
+            return Ok(None);
+        }
+        if let Some(image) = self
+            .images
+            .read()
+            .values()
+            .find(|i| i.group.name == group && i.seq() > fork && i.record.mode != ImageMode::Salvage)
+        {
+            return Err(EngineError::Conflict(format!(
+                "image {} shows seq {}, after the fork point at seq {}; failback would cut its history away. \
+                 Copy out what you need and delete the image; failback then continues",
+                image.record.name,
+                image.seq().0,
+                fork.0
+            )));
+        }
+        let created = g.volumes_created_after(fork)?;
+        if !created.is_empty() {
+            return Err(EngineError::Conflict(format!(
+                "the divergent tail of group {group:?} after seq {} creates volume(s) {}, which a salvage image \
+                 cannot hold; copy them out and take over from this site instead, or remove the group",
+                fork.0,
+                created.join(", ")
+            )));
+        }
+        let name = format!("{group}-salvage-g{fork_generation}-s{}", fork.0);
+        let existing = self.images.read().get(&name).cloned();
+        let image = match existing {
+            Some(image) => image,
+            None => self.make_salvage(&g, &name, fork, fork_generation, last)?,
+        };
+        let info = self.image_info(&image);
+        let removed = g.rewind(fork)?;
+        self.events.event(EngineEvent::Rewound { group: group.into(), seq: fork.0, records: removed });
+        Ok(Some(info))
+    }
+
+    fn make_salvage(
+        &self,
+        g: &Arc<Group>,
+        name: &str,
+        fork: Seq,
+        fork_generation: u64,
+        last: Seq,
+    ) -> Result<Arc<Image>> {
+        let io = |action: &'static str| {
+            let path: std::path::PathBuf = name.into();
+            move |source| EngineError::Io { action, path, source }
+        };
+        // A directory left by a crash before the catalog entry was written is incomplete.
+        self.storage.remove_image(name).map_err(io("remove incomplete salvage image"))?;
+        let storage = self.storage.image(name).map_err(io("create image directory"))?;
+        let record =
+            ImageRecord { name: name.into(), group: g.name.clone(), seq: fork.0, mode: ImageMode::Salvage };
+        let image = Image::open(record.clone(), g.clone(), Some(storage))?;
+        let mut blocks = BTreeMap::new();
+        let mut bytes = 0u64;
+        for (meta, changed) in g.blocks_changed_after(fork) {
+            let bs = u64::from(meta.block_size_bytes);
+            blocks.insert(meta.name.clone(), changed.len() as u64);
+            // Copy runs of adjacent blocks, up to a bounded buffer at a time.
+            for run in runs(&changed, (SALVAGE_COPY_BYTES_MAX / bs).max(1)) {
+                let mut buf = vec![0u8; ((run.end - run.start) * bs) as usize];
+                let offset = run.start * bs;
+                g.read(meta.id, offset, &mut buf, None)?;
+                image.write(meta.id, offset, &buf)?;
+                bytes += buf.len() as u64;
+            }
+        }
+        image.flush()?;
+        let info = SalvageInfo {
+            fork_seq: fork.0,
+            fork_generation,
+            first_seq: fork.0 + 1,
+            last_seq: last.0,
+            first_time: g.time_of(Seq(fork.0 + 1)).rfc3339(),
+            last_time: g.time_of(last).rfc3339(),
+            blocks: blocks.clone(),
+            bytes,
+        };
+        image.set_salvage_info(&info)?;
+        self.catalog.put_image(&record)?;
+        let image = Arc::new(image);
+        self.images.write().insert(name.into(), image.clone());
+        self.events.event(EngineEvent::SalvageKept {
+            group: g.name.clone(),
+            image: name.into(),
+            fork_seq: fork.0,
+            blocks: blocks.values().sum(),
+        });
+        Ok(image)
+    }
+
     /// Create an image of `group` at `at`.
     pub fn create_image(&self, group: &str, at: &Point, name: &str, mode: ImageMode) -> Result<ImageInfo> {
         validate_name("image", name)?;
@@ -646,11 +775,14 @@ impl Engine {
         let g = self.group_arc(group)?;
         let seq = g.resolve(at)?;
         let record = ImageRecord { name: name.into(), group: group.into(), seq: seq.0, mode };
+        if mode == ImageMode::Salvage {
+            return Err(EngineError::InvalidArgument(
+                "salvage images are made by failback, not by hand".into(),
+            ));
+        }
         let storage = match mode {
-            ImageMode::Writable => Some(self.storage.image(name).map_err(|source| EngineError::Io {
-                action: "create image directory",
-                path: name.into(),
-                source,
+            ImageMode::Writable | ImageMode::Salvage => Some(self.storage.image(name).map_err(|source| {
+                EngineError::Io { action: "create image directory", path: name.into(), source }
             })?),
             ImageMode::ReadOnly => None,
         };
@@ -666,6 +798,7 @@ impl Engine {
             group: image.record.group.clone(),
             point: image.group.point_info(image.seq()),
             mode: image.record.mode,
+            salvage: image.salvage_info(),
             exports: image
                 .group
                 .volumes()
@@ -717,7 +850,7 @@ impl Engine {
                     ),
                     size_bytes: v.size_bytes,
                     block_size_bytes: v.block_size_bytes,
-                    read_only: image.record.mode == ImageMode::ReadOnly,
+                    read_only: !image.record.mode.is_writable(),
                 });
             }
         }
@@ -765,9 +898,10 @@ impl ExportHandle {
             description: self.name.clone(),
             size_bytes: meta.as_ref().map_or(0, |m| m.size_bytes),
             block_size_bytes: meta.as_ref().map_or(4096, |m| m.block_size_bytes),
-            read_only: self.image.as_ref().map_or(self.group.role() != persist::Role::Primary, |i| {
-                i.record.mode == ImageMode::ReadOnly
-            }),
+            read_only: self
+                .image
+                .as_ref()
+                .map_or(self.group.role() != persist::Role::Primary, |i| !i.record.mode.is_writable()),
         }
     }
 
@@ -784,7 +918,7 @@ impl ExportHandle {
 
     fn writable_image(&self) -> Result<Option<&Arc<Image>>> {
         match &self.image {
-            Some(i) if i.record.mode == ImageMode::ReadOnly => Err(EngineError::ReadOnly(self.name.clone())),
+            Some(i) if !i.record.mode.is_writable() => Err(EngineError::ReadOnly(self.name.clone())),
             other => Ok(other.as_ref()),
         }
     }
@@ -863,6 +997,21 @@ fn role_name(role: persist::Role) -> &'static str {
         persist::Role::Primary => "primary",
         persist::Role::Secondary => "secondary",
     }
+}
+
+/// Most bytes a salvage copy reads and writes at once.
+const SALVAGE_COPY_BYTES_MAX: u64 = 1 << 20;
+
+/// Sorted block numbers as runs of adjacent blocks, each at most `len_max` long.
+fn runs(blocks: &[u64], len_max: u64) -> Vec<std::ops::Range<u64>> {
+    let mut out: Vec<std::ops::Range<u64>> = Vec::new();
+    for &b in blocks {
+        match out.last_mut() {
+            Some(r) if r.end == b && r.end - r.start < len_max => r.end += 1,
+            _ => out.push(b..b + 1),
+        }
+    }
+    out
 }
 
 /// Names of groups, volumes, images and bookmarks: 1 to 64 of `[A-Za-z0-9._-]`, not starting

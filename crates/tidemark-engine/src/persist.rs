@@ -17,7 +17,8 @@ use crate::index::Versions;
 pub const CONTROL_MAGIC: [u8; 8] = *b"TDMKCTRL";
 /// Magic of the checkpoint file.
 pub const CHECKPOINT_MAGIC: [u8; 8] = *b"TDMKCKPT";
-/// Format version of both files.
+/// Format version of the checkpoint and other framed files (the control file has its own,
+/// [`CONTROL_FORMAT_VERSION`]).
 pub const FORMAT_VERSION: u32 = 1;
 /// File name of the control file in a group's directory.
 pub const CONTROL_FILE: &str = "control";
@@ -62,8 +63,139 @@ pub struct ControlState {
     pub volumes: Vec<VolumeMeta>,
     /// The group's role here.
     pub role: Role,
-    /// Fencing generation of the primary role.
+    /// Fencing generation of the primary role: the newest this site knows.
     pub generation: u64,
+    /// Where each generation's history begins, oldest first: the group's lineage, compared
+    /// with a partner's to find where two histories fork.
+    pub generations: Vec<GenerationStart>,
+    /// Role changes at this site, oldest first, at most [`ROLE_CHANGES_MAX`].
+    pub role_changes: Vec<RoleChange>,
+    /// Where this site's newest takeover forked the history (`None` if it never took over).
+    pub fork_point: Option<ForkPoint>,
+    /// A swap this site started as primary and that has not finished: no host writes are
+    /// admitted until the partner's answer settles which site is primary.
+    pub swap_pending: Option<SwapPending>,
+    /// A rewind to this seq was started and not finished (start-up finishes it).
+    pub rewind_to: Option<Seq>,
+}
+
+/// Role changes kept in the control file; older ones are dropped (the event log keeps them all).
+pub const ROLE_CHANGES_MAX: usize = 64;
+
+/// The first seq written under a generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationStart {
+    /// The generation.
+    pub generation: u64,
+    /// Its first record's seq (records before it belong to older generations).
+    pub first_seq: Seq,
+}
+
+/// One role change at this site.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleChange {
+    /// When, as a Unix time.
+    pub time: UnixNanos,
+    /// Role before.
+    pub from: Role,
+    /// Role after.
+    pub to: Role,
+    /// Generation after.
+    pub generation: u64,
+    /// Why (`swap`, `takeover`, `fenced by partner ...`, `failback ...`).
+    pub reason: String,
+}
+
+/// Where a takeover forked the history: the last record both sites share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForkPoint {
+    /// The generation the takeover started.
+    pub generation: u64,
+    /// Last seq of the shared history.
+    pub seq: Seq,
+    /// Chain hash after `seq`.
+    pub chain: [u8; 32],
+    /// Source time of `seq`.
+    pub time: UnixNanos,
+}
+
+/// A swap in progress at the old primary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwapPending {
+    /// The generation the partner is to become primary under.
+    pub generation: u64,
+    /// The last seq both sites hold.
+    pub last_seq: Seq,
+}
+
+impl ControlState {
+    /// A new group's control state: the given role, one generation starting at seq 1.
+    pub fn new(group_id: u64, time: UnixNanos, role: Role, generation: u64) -> ControlState {
+        ControlState {
+            group_id,
+            horizon: Seq(0),
+            horizon_time: time,
+            base_applied: Seq(0),
+            volumes: Vec::new(),
+            role,
+            generation,
+            generations: vec![GenerationStart { generation, first_seq: Seq(1) }],
+            role_changes: Vec::new(),
+            fork_point: None,
+            swap_pending: None,
+            rewind_to: None,
+        }
+    }
+
+    /// Record a role change, keeping at most [`ROLE_CHANGES_MAX`].
+    pub fn note_role_change(&mut self, change: RoleChange) {
+        self.role_changes.push(change);
+        let excess = self.role_changes.len().saturating_sub(ROLE_CHANGES_MAX);
+        self.role_changes.drain(..excess);
+    }
+}
+
+/// The control file as format version 1 wrote it (before generations had a history); read and
+/// upgraded at start-up, written back as version 2 at the next change.
+#[derive(Deserialize, Serialize)]
+struct ControlStateV1 {
+    group_id: u64,
+    horizon: Seq,
+    horizon_time: UnixNanos,
+    base_applied: Seq,
+    volumes: Vec<VolumeMeta>,
+    role: Role,
+    generation: u64,
+}
+
+/// Format version of the control file this build writes.
+pub const CONTROL_FORMAT_VERSION: u32 = 2;
+
+/// Read the control file, upgrading a version 1 file: `Ok(None)` when absent.
+pub fn read_control(storage: &dyn Storage) -> Result<Option<ControlState>, String> {
+    let Some((version, body)) = read_frame(storage, CONTROL_FILE, CONTROL_MAGIC)? else { return Ok(None) };
+    match version {
+        1 => {
+            let v1: ControlStateV1 = postcard::from_bytes(&body).map_err(|e| format!("undecodable: {e}"))?;
+            let mut control = ControlState::new(v1.group_id, v1.horizon_time, v1.role, v1.generation);
+            control.horizon = v1.horizon;
+            control.base_applied = v1.base_applied;
+            control.volumes = v1.volumes;
+            // Version 1 never changed generations: the whole history is the one it knows.
+            Ok(Some(control))
+        }
+        CONTROL_FORMAT_VERSION => {
+            postcard::from_bytes(&body).map(Some).map_err(|e| format!("undecodable: {e}"))
+        }
+        other => Err(format!(
+            "format version {other} is not supported (this build reads 1 and {CONTROL_FORMAT_VERSION})"
+        )),
+    }
+}
+
+/// Write the control file atomically (format version [`CONTROL_FORMAT_VERSION`]).
+pub fn write_control(storage: &dyn Storage, control: &ControlState) -> std::io::Result<()> {
+    write_frame(storage, CONTROL_FILE, CONTROL_MAGIC, CONTROL_FORMAT_VERSION, control)
 }
 
 /// A bookmark in the history.
@@ -118,10 +250,20 @@ pub fn write_framed<T: Serialize>(
     magic: [u8; 8],
     value: &T,
 ) -> std::io::Result<()> {
+    write_frame(storage, name, magic, FORMAT_VERSION, value)
+}
+
+fn write_frame<T: Serialize>(
+    storage: &dyn Storage,
+    name: &str,
+    magic: [u8; 8],
+    version: u32,
+    value: &T,
+) -> std::io::Result<()> {
     let body = postcard::to_stdvec(value).map_err(std::io::Error::other)?;
     let mut out = Vec::with_capacity(body.len() + 32);
     out.extend_from_slice(&magic);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     let len = u32::try_from(body.len()).map_err(|_| std::io::Error::other("state too large for one file"))?;
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(&body);
@@ -136,6 +278,15 @@ pub fn read_framed<T: DeserializeOwned>(
     name: &str,
     magic: [u8; 8],
 ) -> Result<Option<T>, String> {
+    let Some((version, body)) = read_frame(storage, name, magic)? else { return Ok(None) };
+    if version != FORMAT_VERSION {
+        return Err(format!("format version {version} is not supported (this build reads {FORMAT_VERSION})"));
+    }
+    postcard::from_bytes(&body).map(Some).map_err(|e| format!("undecodable: {e}"))
+}
+
+/// Read and check a frame: its format version and body.
+fn read_frame(storage: &dyn Storage, name: &str, magic: [u8; 8]) -> Result<Option<(u32, Vec<u8>)>, String> {
     let Some(bytes) = read_file(storage, name).map_err(|e| format!("cannot read: {e}"))? else {
         return Ok(None);
     };
@@ -150,11 +301,55 @@ pub fn read_framed<T: DeserializeOwned>(
         return Err("bad magic".into());
     }
     let version = u32::from_le_bytes(framed.get(8..12).and_then(|b| b.try_into().ok()).unwrap_or_default());
-    if version != FORMAT_VERSION {
-        return Err(format!("format version {version} is not supported (this build reads {FORMAT_VERSION})"));
-    }
     let len =
         u32::from_le_bytes(framed.get(12..16).and_then(|b| b.try_into().ok()).unwrap_or_default()) as usize;
     let body = framed.get(16..).filter(|b| b.len() == len).ok_or("body length mismatch")?;
-    postcard::from_bytes(body).map(Some).map_err(|e| format!("undecodable: {e}"))
+    Ok(Some((version, body.to_vec())))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tidemark_journal::storage::SimStorage;
+
+    use super::*;
+
+    #[test]
+    fn a_version_1_control_file_is_read_and_upgraded() {
+        let storage: Arc<dyn Storage> = Arc::new(SimStorage::new());
+        let v1 = ControlStateV1 {
+            group_id: 7,
+            horizon: Seq(10),
+            horizon_time: UnixNanos(5),
+            base_applied: Seq(10),
+            volumes: Vec::new(),
+            role: Role::Secondary,
+            generation: 3,
+        };
+        write_frame(&*storage, CONTROL_FILE, CONTROL_MAGIC, 1, &v1).expect("write v1");
+        let control = read_control(&*storage).expect("read").expect("present");
+        assert_eq!((control.group_id, control.horizon, control.base_applied), (7, Seq(10), Seq(10)));
+        assert_eq!((control.role, control.generation), (Role::Secondary, 3));
+        assert_eq!(control.generations, vec![GenerationStart { generation: 3, first_seq: Seq(1) }]);
+        assert!(control.role_changes.is_empty() && control.swap_pending.is_none());
+        write_control(&*storage, &control).expect("write v2");
+        assert_eq!(read_control(&*storage).expect("read").expect("present"), control);
+    }
+
+    #[test]
+    fn role_changes_are_bounded() {
+        let mut control = ControlState::new(1, UnixNanos(0), Role::Primary, 1);
+        for generation in 0..(ROLE_CHANGES_MAX as u64 + 10) {
+            control.note_role_change(RoleChange {
+                time: UnixNanos(generation),
+                from: Role::Primary,
+                to: Role::Secondary,
+                generation,
+                reason: "test".into(),
+            });
+        }
+        assert_eq!(control.role_changes.len(), ROLE_CHANGES_MAX);
+        assert_eq!(control.role_changes.first().map(|c| c.generation), Some(10));
+    }
 }

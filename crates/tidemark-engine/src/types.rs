@@ -91,6 +91,43 @@ pub enum ImageMode {
     ReadOnly,
     /// Writes land in a private overlay that never touches the group's journal.
     Writable,
+    /// Read-only: a returning primary's divergent tail, kept at failback. Its overlay holds the
+    /// blocks the tail wrote, on top of the fork point.
+    Salvage,
+}
+
+impl ImageMode {
+    /// Whether hosts may write to its exports.
+    pub fn is_writable(self) -> bool {
+        self == ImageMode::Writable
+    }
+
+    /// Whether it keeps an overlay on disk.
+    pub fn has_overlay(self) -> bool {
+        matches!(self, ImageMode::Writable | ImageMode::Salvage)
+    }
+}
+
+/// What a salvage image holds: the writes a returning primary made after the fork point, which
+/// its partner never received.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SalvageInfo {
+    /// Last seq both sites shared (the image shows the fork point plus the tail's blocks).
+    pub fork_seq: u64,
+    /// Generation that forked the history (the partner's takeover).
+    pub fork_generation: u64,
+    /// First and last seq of the divergent tail.
+    pub first_seq: u64,
+    /// Last seq of the divergent tail.
+    pub last_seq: u64,
+    /// Source time of the tail's first record (RFC 3339).
+    pub first_time: String,
+    /// Source time of the tail's last record (RFC 3339).
+    pub last_time: String,
+    /// Blocks the tail changed, per volume name.
+    pub blocks: std::collections::BTreeMap<String, u64>,
+    /// Bytes of those blocks.
+    pub bytes: u64,
 }
 
 /// Options a group is created with.
@@ -208,10 +245,13 @@ pub struct ImageInfo {
     pub group: String,
     /// The point it shows.
     pub point: PointInfo,
-    /// Read-only or writable.
+    /// Read-only, writable or salvage.
     pub mode: ImageMode,
     /// Its export names.
     pub exports: Vec<String>,
+    /// For a salvage image: what the divergent tail covered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub salvage: Option<SalvageInfo>,
 }
 
 /// Progress of a long operation, in bytes.

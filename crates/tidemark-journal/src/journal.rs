@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::record::{self, DecodeError, RecordBody, RecordHeader, RecordMeta, HEADER_BYTES, TRAILER_BYTES};
+use crate::stats::JournalStats;
 use crate::storage::{Storage, StorageFile};
 use crate::{ChainHash, Generation, JournalError, Location, Record, Seq, UnixNanos, VolumeId};
 
@@ -80,6 +81,8 @@ pub struct SyncTicket {
     /// The newest seq the sync covers.
     pub upto: Seq,
     durable: Arc<AtomicU64>,
+    /// The journal's counters: whoever times the sync records it here.
+    pub stats: Arc<JournalStats>,
 }
 
 impl SyncTicket {
@@ -129,6 +132,8 @@ pub struct Journal {
     durable: Arc<AtomicU64>,
     /// Sealed segments not yet synced, with their last seq: the next flush syncs them.
     sealed_unsynced: Vec<(Arc<dyn StorageFile>, Seq)>,
+    /// Counters for metrics.
+    stats: Arc<JournalStats>,
 }
 
 /// The chain hash a new journal starts from.
@@ -169,6 +174,7 @@ impl Journal {
             encode_buf: Vec::new(),
             durable: Arc::new(AtomicU64::new(first_seq.0.saturating_sub(1))),
             sealed_unsynced: Vec::new(),
+            stats: Arc::default(),
         };
         journal.start_segment(0)?;
         Ok(journal)
@@ -336,6 +342,7 @@ impl Journal {
             encode_buf: Vec::new(),
             durable,
             sealed_unsynced: Vec::new(),
+            stats: Arc::default(),
         };
         Ok((journal, report))
     }
@@ -435,11 +442,17 @@ impl Journal {
             ));
         }
         segment.len += buf.len() as u64;
+        self.stats.record_append(buf.len() as u64);
         self.encode_buf = buf;
         self.next_seq = Seq(seq.0 + 1);
         self.chain = chain;
         self.last_time = time;
         Ok(Appended { seq, location, chain })
+    }
+
+    /// Counters of what this journal appended and synced, for metrics.
+    pub fn stats(&self) -> Arc<JournalStats> {
+        self.stats.clone()
     }
 
     /// What to sync so that every record appended so far is durable.
@@ -453,6 +466,7 @@ impl Journal {
             sealed: self.sealed_unsynced.iter().map(|(f, _)| f.clone()).collect(),
             upto: self.last_seq(),
             durable: self.durable.clone(),
+            stats: self.stats.clone(),
         })
     }
 
@@ -733,6 +747,75 @@ impl JournalReader {
         }
         Ok(out)
     }
+}
+
+/// Cut a closed journal after record `last`: every later record is removed (the segment holding
+/// the next record is truncated where it starts, later segments are deleted), and the cut is made
+/// durable. Idempotent: a journal that ends at or before `last` is left alone. Returns the bytes
+/// removed. Used to rewind a returning site to a fork point; the caller keeps what it must of the
+/// removed tail first.
+pub fn truncate_after(storage: &Arc<dyn Storage>, group_id: u64, last: Seq) -> Result<u64, JournalError> {
+    let mut indices: Vec<u64> = storage
+        .list()
+        .map_err(|e| JournalError::io("list journal segments", storage.describe(""), e))?
+        .iter()
+        .filter_map(|n| parse_segment_name(n))
+        .collect();
+    indices.sort_unstable();
+    let target = Seq(last.0 + 1);
+    // Segment headers say where each segment starts; the cut falls in the last one starting at
+    // or before the target.
+    let mut starts = Vec::with_capacity(indices.len());
+    for &index in &indices {
+        let name = segment_name(index);
+        let file = storage
+            .open(&name)
+            .map_err(|e| JournalError::io("open journal segment", storage.describe(&name), e))?;
+        let (first_seq, prev_chain) = read_segment_header(&*file, group_id)
+            .map_err(|reason| JournalError::Corrupt { file: storage.describe(&name), offset: 0, reason })?;
+        starts.push((index, first_seq, prev_chain, file));
+    }
+    let Some(pos) = starts.iter().rposition(|(_, first, _, _)| *first <= target) else {
+        return Err(JournalError::Invalid(format!(
+            "cannot cut the journal after seq {}: it begins later",
+            last.0
+        )));
+    };
+    let mut removed = 0;
+    for (index, _, _, file) in starts.drain(pos + 1..) {
+        removed += file.len().unwrap_or(0);
+        let name = segment_name(index);
+        storage
+            .remove(&name)
+            .map_err(|e| JournalError::io("remove journal segment", storage.describe(&name), e))?;
+    }
+    let Some((index, first_seq, prev_chain, file)) = starts.pop() else { return Ok(removed) };
+    let name = segment_name(index);
+    let len = file.len().map_err(|e| JournalError::io("stat journal segment", storage.describe(&name), e))?;
+    let (mut offset, mut seq, mut chain) = (SEGMENT_HEADER_BYTES, first_seq, prev_chain);
+    while seq < target {
+        let bytes = read_record_at(&*file, offset, len).map_err(|e| JournalError::Corrupt {
+            file: storage.describe(&name),
+            offset,
+            reason: e.to_string(),
+        })?;
+        let Some(bytes) = bytes else { break };
+        let rec = record::decode(&bytes, Some(&chain)).map_err(|e| JournalError::Corrupt {
+            file: storage.describe(&name),
+            offset,
+            reason: e.to_string(),
+        })?;
+        offset += bytes.len() as u64;
+        seq = Seq(rec.seq.0 + 1);
+        chain = rec.chain;
+    }
+    if offset < len {
+        removed += len - offset;
+        file.set_len(offset).map_err(|e| JournalError::io("truncate journal", storage.describe(&name), e))?;
+        file.sync_data().map_err(|e| JournalError::io("sync journal segment", storage.describe(&name), e))?;
+    }
+    storage.sync_dir().map_err(|e| JournalError::io("sync journal directory", storage.describe(""), e))?;
+    Ok(removed)
 }
 
 fn payload_len(body: &RecordBody) -> usize {

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod journal;
 pub mod record;
+pub mod stats;
 pub mod storage;
 
 pub use journal::{

@@ -295,6 +295,20 @@ fn encode_parts(
     chain
 }
 
+/// Decode and verify consecutive whole records (as a journal reader returns them).
+pub fn decode_all(mut bytes: &[u8]) -> Result<Vec<Record>, DecodeError> {
+    let mut records = Vec::new();
+    while !bytes.is_empty() {
+        let head: &[u8; HEADER_BYTES] =
+            bytes.get(..HEADER_BYTES).and_then(|h| h.try_into().ok()).ok_or(DecodeError::Truncated)?;
+        let header = RecordHeader::decode(head).map_err(DecodeError::Malformed)?;
+        let (one, rest) = bytes.split_at_checked(header.total_len as usize).ok_or(DecodeError::Truncated)?;
+        records.push(decode(one, None)?);
+        bytes = rest;
+    }
+    Ok(records)
+}
+
 /// Decode and verify a whole record. `prev_chain`, when known, is checked against the stored chain.
 pub fn decode(bytes: &[u8], prev_chain: Option<&ChainHash>) -> Result<Record, DecodeError> {
     let head: &[u8; HEADER_BYTES] =

@@ -91,3 +91,33 @@ fn a_divergent_record_is_refused_before_it_is_written() {
     let mut c = journal();
     assert!(c.append_replica(&rec4).is_err());
 }
+
+#[test]
+fn truncate_after_cuts_at_any_seq_across_segments_and_is_idempotent() {
+    for cut in [0u64, 1, 7, 13, 25, 39, 40] {
+        let storage: Arc<dyn Storage> = Arc::new(SimStorage::new());
+        let config = JournalConfig { segment_bytes_max: 16 << 10 };
+        let mut a =
+            Journal::create(storage.clone(), GROUP, config, Seq(1), genesis_chain(GROUP)).expect("create");
+        for i in 0..40 {
+            a.append(Generation(1), UnixNanos(100 + i), &write(i)).expect("append");
+        }
+        a.sync_ticket().expect("ticket").sync().expect("sync");
+        let chain = a.chain_at(Seq(cut)).expect("chain").unwrap_or_else(|| genesis_chain(GROUP));
+        drop(a);
+        let removed = tidemark_journal::journal::truncate_after(&storage, GROUP, Seq(cut)).expect("truncate");
+        assert_eq!(removed > 0, cut < 40, "cut after {cut}");
+        assert_eq!(tidemark_journal::journal::truncate_after(&storage, GROUP, Seq(cut)).expect("again"), 0);
+        let mut seen = 0;
+        let (mut b, report) = Journal::open(storage.clone(), GROUP, config, None, |_, _| {
+            seen += 1;
+            Ok(())
+        })
+        .expect("reopen");
+        assert!(report.torn_tail.is_none(), "a deliberate cut is not a torn tail");
+        assert_eq!((seen, b.last_seq(), b.chain()), (cut, Seq(cut), chain), "cut after {cut}");
+        // The journal continues from the cut.
+        b.append(Generation(2), UnixNanos(1000), &write(99)).expect("append after the cut");
+        assert_eq!(b.last_seq(), Seq(cut + 1));
+    }
+}
