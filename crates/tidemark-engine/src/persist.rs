@@ -9,6 +9,7 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tidemark_journal::storage::{read_file, replace_file, Storage};
+pub use tidemark_journal::GenerationStart;
 use tidemark_journal::{ResumePoint, Seq, UnixNanos, VolumeId};
 
 use crate::index::Versions;
@@ -82,14 +83,6 @@ pub struct ControlState {
 /// Role changes kept in the control file; older ones are dropped (the event log keeps them all).
 pub const ROLE_CHANGES_MAX: usize = 64;
 
-/// The first seq written under a generation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GenerationStart {
-    /// The generation.
-    pub generation: u64,
-    /// Its first record's seq (records before it belong to older generations).
-    pub first_seq: Seq,
-}
 
 /// One role change at this site.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -28,6 +28,17 @@ pub struct Seq(pub u64);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Generation(pub u64);
 
+/// The first seq written under a generation: one step of a group's lineage. Two sites compare
+/// lineages to find where their histories fork (records with the same seq and generation were
+/// written by the same primary, so they are the same record).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationStart {
+    /// The generation.
+    pub generation: u64,
+    /// Its first record's seq (records before it belong to older generations).
+    pub first_seq: Seq,
+}
+
 /// A volume's id within its group.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct VolumeId(pub u32);

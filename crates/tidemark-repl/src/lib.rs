@@ -4,11 +4,13 @@
 //! transport (`tidemark-link`) and the site's tasks are a thin shell around it.
 
 pub mod bucket;
+pub mod lineage;
 pub mod receiver;
 pub mod sender;
 pub mod wire;
 
 pub use bucket::TokenBucket;
+pub use lineage::fork_point;
 pub use receiver::{Receiver, ReceiverError};
 pub use sender::{BatchPlan, Pending, Sender, SenderConfig, SenderError, SenderState};
 pub use wire::{BatchFrame, GroupPosition, Message, WireError, PROTOCOL_VERSION};

@@ -1,7 +1,7 @@
 //! The secondary's side of one group's stream: which batches to accept, in what order, and what
 //! to acknowledge. A batch is applied whole or not at all, after every check has passed.
 
-use tidemark_journal::{ChainHash, Record, Seq};
+use tidemark_journal::{ChainHash, GenerationStart, Record, Seq};
 
 use crate::wire::{BatchFrame, GroupPosition, Message, WireError};
 
@@ -49,6 +49,7 @@ pub struct Receiver {
     /// site does, and then the receiver is rebuilt from what the store recovered.
     next: Seq,
     chain: ChainHash,
+    generations: Vec<GenerationStart>,
 }
 
 impl Receiver {
@@ -60,6 +61,7 @@ impl Receiver {
             durable: position.durable_seq.min(position.last_seq),
             next: Seq(position.last_seq.0 + 1),
             chain: position.chain,
+            generations: position.generations.clone(),
         }
     }
 
@@ -71,6 +73,7 @@ impl Receiver {
             last_seq: Seq(self.next.0 - 1),
             chain: self.chain,
             durable_seq: self.durable,
+            generations: self.generations.clone(),
         }
     }
 

@@ -4,10 +4,10 @@
 
 use serde::{Deserialize, Serialize};
 use tidemark_journal::record::{self, RecordHeader, HEADER_BYTES};
-use tidemark_journal::{ChainHash, Record, Seq};
+use tidemark_journal::{ChainHash, GenerationStart, Record, Seq};
 
 /// Version of this protocol; a peer with another version is refused at the handshake.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest uncompressed content of one batch, in bytes (a record carries at most 4 MiB of
 /// data, so a batch always has room for at least one).
 pub const BATCH_RAW_BYTES_MAX: u64 = 16 << 20;
@@ -27,6 +27,8 @@ pub struct GroupPosition {
     pub chain: ChainHash,
     /// Newest seq known durable here (at most `last_seq`): what may be acknowledged.
     pub durable_seq: Seq,
+    /// Where each generation's history begins here, oldest first (see [`crate::lineage`]).
+    pub generations: Vec<GenerationStart>,
 }
 
 /// One protocol message.
@@ -64,6 +66,30 @@ pub enum Message {
         generation: u64,
         /// Newest seq durable at the secondary.
         durable_seq: Seq,
+    },
+    /// Secondary to primary: an operator asked for a planned swap at the secondary.
+    SwapRequest {
+        /// Group id.
+        group_id: u64,
+    },
+    /// Primary to secondary: writes are stopped and everything through `last_seq` is durable at
+    /// both sites; become primary under `generation` if your history ends exactly here.
+    SwapPrepare {
+        /// Group id.
+        group_id: u64,
+        /// The generation the secondary is to become primary under.
+        generation: u64,
+        /// The last seq of the shared history.
+        last_seq: Seq,
+        /// Chain hash after `last_seq`.
+        chain: ChainHash,
+    },
+    /// Secondary to primary: it is primary under `generation` now (durably); demote.
+    SwapPromoted {
+        /// Group id.
+        group_id: u64,
+        /// Its generation.
+        generation: u64,
     },
     /// Either side: this group stops here, with the reason (divergence, stale generation, bad frame).
     Refuse {

@@ -71,6 +71,7 @@ impl Secondary {
             last_seq,
             chain,
             durable_seq: Seq(self.durable as u64),
+            generations: Vec::new(),
         }
     }
 }
@@ -96,6 +97,7 @@ fn run(seed: u64, steps: usize) {
         last_seq: Seq(0),
         chain: genesis_chain(GROUP),
         durable_seq: Seq(0),
+        generations: Vec::new(),
     };
     let mut secondary = Secondary { applied: Vec::new(), durable: 0, receiver: Receiver::new(&start) };
     let mut wire: VecDeque<(Duration, InFlight)> = VecDeque::new();
@@ -274,6 +276,7 @@ fn a_diverged_history_is_refused_never_overwritten() {
         last_seq: Seq(5),
         chain: ChainHash([9; 32]),
         durable_seq: Seq(5),
+        generations: Vec::new(),
     };
     let (last, ours) = (a.last_seq(), a.chain_at(Seq(5)));
     let err = a.sender.on_position(&pos, Seq(1), last, |_| ours).expect_err("divergence");
@@ -293,6 +296,7 @@ fn a_diverged_history_is_refused_never_overwritten() {
         last_seq: Seq(0),
         chain: genesis_chain(GROUP),
         durable_seq: Seq(0),
+        generations: Vec::new(),
     };
     assert!(b.on_position(&newer, Seq(1), Seq(10), |_| Some(genesis_chain(GROUP))).is_err());
     assert!(matches!(b.state(), tidemark_repl::SenderState::Fenced { theirs: 2 }));
@@ -306,6 +310,7 @@ fn hostile_frames_are_refused() {
         last_seq: Seq(0),
         chain: genesis_chain(GROUP),
         durable_seq: Seq(0),
+        generations: Vec::new(),
     };
     let mut r = Receiver::new(&start);
     let mut p = Primary {
