@@ -83,7 +83,6 @@ pub struct ControlState {
 /// Role changes kept in the control file; older ones are dropped (the event log keeps them all).
 pub const ROLE_CHANGES_MAX: usize = 64;
 
-
 /// One role change at this site.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoleChange {

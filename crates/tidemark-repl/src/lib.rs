@@ -6,6 +6,7 @@
 pub mod bucket;
 pub mod lineage;
 pub mod receiver;
+pub mod roles;
 pub mod sender;
 pub mod wire;
 

@@ -15,7 +15,12 @@ pub fn generation_at(lineage: &[GenerationStart], seq: Seq) -> Option<u64> {
 /// The last seq both histories hold identically: `ours` ending at `our_last`, `theirs` at
 /// `their_last`. Records of ours after it are a divergent tail (if theirs is the newer
 /// generation); records of theirs after it are what we lack.
-pub fn fork_point(ours: &[GenerationStart], our_last: Seq, theirs: &[GenerationStart], their_last: Seq) -> Seq {
+pub fn fork_point(
+    ours: &[GenerationStart],
+    our_last: Seq,
+    theirs: &[GenerationStart],
+    their_last: Seq,
+) -> Seq {
     let end = our_last.min(their_last);
     let mut starts: Vec<Seq> = ours.iter().chain(theirs).map(|g| g.first_seq).filter(|s| *s <= end).collect();
     starts.push(Seq(1));
@@ -37,7 +42,10 @@ mod tests {
     use super::*;
 
     fn lineage(steps: &[(u64, u64)]) -> Vec<GenerationStart> {
-        steps.iter().map(|&(generation, first)| GenerationStart { generation, first_seq: Seq(first) }).collect()
+        steps
+            .iter()
+            .map(|&(generation, first)| GenerationStart { generation, first_seq: Seq(first) })
+            .collect()
     }
 
     #[test]
