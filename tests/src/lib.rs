@@ -87,6 +87,8 @@ pub struct Site {
     pub api: SocketAddr,
     /// Replication (UDP) listener.
     pub repl: SocketAddr,
+    /// Prometheus metrics listener.
+    pub metrics: SocketAddr,
     /// Extra arguments it was started with.
     extra: Vec<String>,
     log: PathBuf,
@@ -103,12 +105,14 @@ impl Site {
         let nbd: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let repl: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().expect("addr");
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let mut site = Site {
             child: None,
             data_dir: data_dir.to_path_buf(),
             nbd,
             api,
             repl,
+            metrics,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             log: data_dir.with_extension("log"),
         };
@@ -128,6 +132,8 @@ impl Site {
             .arg(self.api.to_string())
             .arg("--repl-listen")
             .arg(self.repl.to_string())
+            .arg("--metrics-listen")
+            .arg(self.metrics.to_string())
             .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -145,6 +151,22 @@ impl Site {
     /// The site's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The site's metrics, as Prometheus would scrape them (panics unless the answer is 200).
+    pub fn scrape(&self) -> String {
+        let mut stream = TcpStream::connect(self.metrics).expect("connect to the metrics endpoint");
+        stream.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        use std::io::{Read, Write};
+        write!(stream, "GET /metrics HTTP/1.0\r\nHost: {}\r\n\r\n", self.metrics).expect("send request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("read response");
+        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(
+            head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+            "scrape failed: {head}"
+        );
+        body.to_string()
     }
 
     /// `nbd://` URI of an export.
@@ -224,6 +246,18 @@ impl Drop for Site {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// Two sites under `dir` (`a` and `b`) that trust each other as partners `b` and `a`.
+pub fn paired_sites(dir: &Path) -> (Site, Site) {
+    let a = Site::start(&dir.join("a"));
+    let b = Site::start(&dir.join("b"));
+    let fingerprint =
+        |s: &Site| s.cli_json(&["site", "show"])["fingerprint"].as_str().expect("fingerprint").to_string();
+    let (fa, fb) = (fingerprint(&a), fingerprint(&b));
+    a.cli_ok(&["partner", "add", "b", "--address", &b.repl.to_string(), "--fingerprint", &fb]);
+    b.cli_ok(&["partner", "add", "a", "--address", &a.repl.to_string(), "--fingerprint", &fa]);
+    (a, b)
 }
 
 /// Deterministic pseudo-random bytes (xorshift), for content that does not compress to nothing.

@@ -10,13 +10,7 @@ use tidemark_tests::{pseudo_random, run_ok, wait_for, Site};
 const CATCH_UP: Duration = Duration::from_secs(180);
 
 fn pair(dir: &tempfile::TempDir) -> (Site, Site) {
-    let a = Site::start(&dir.path().join("a"));
-    let b = Site::start(&dir.path().join("b"));
-    let fa = a.cli_json(&["site", "show"])["fingerprint"].as_str().expect("fingerprint").to_string();
-    let fb = b.cli_json(&["site", "show"])["fingerprint"].as_str().expect("fingerprint").to_string();
-    a.cli_ok(&["partner", "add", "b", "--address", &b.repl.to_string(), "--fingerprint", &fb]);
-    b.cli_ok(&["partner", "add", "a", "--address", &a.repl.to_string(), "--fingerprint", &fa]);
-    (a, b)
+    tidemark_tests::paired_sites(dir.path())
 }
 
 fn replication(site: &Site) -> serde_json::Value {

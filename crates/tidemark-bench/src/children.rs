@@ -135,12 +135,14 @@ impl Guarded {
         }
     }
 
-    /// Kill it with SIGKILL and reap it.
+    /// Kill it and everything in its process group with SIGKILL, and reap it. The group is
+    /// killed even when the leader has exited: fio's job processes outlive a parent that quit
+    /// on an I/O error, and would otherwise run (and log) forever.
     pub fn kill(&mut self) -> Result<ExitStatus> {
-        if let Some(status) = self.try_wait()? {
-            return Ok(status);
+        // Until it is reaped, even an exited leader holds its pid, so the group id is still ours.
+        if self.exited.is_none() {
+            kill_group(self.id());
         }
-        kill_group(self.id());
         self.wait()
     }
 

@@ -83,6 +83,36 @@ pub fn markdown(results: &Results, previous: Option<&str>) -> String {
     }
     out.push_str(ANALYSIS_END);
     out.push('\n');
+    // Sections other benchmark sets wrote after the analysis are carried over.
+    if let Some(rest) = previous.and_then(|p| p.find(ANALYSIS_END).map(|i| &p[i + ANALYSIS_END.len()..])) {
+        out.push_str(rest.strip_prefix('\n').unwrap_or(rest));
+    }
+    out
+}
+
+/// Markers of the role-change section (`tidemark-bench roles`).
+pub const ROLES_BEGIN: &str = "<!-- roles:begin (written by `tidemark-bench roles`) -->";
+/// End marker of the role-change section.
+pub const ROLES_END: &str = "<!-- roles:end -->";
+
+/// `previous` with the text between `begin` and `end` replaced by `section` (appended, with the
+/// markers, when they are absent).
+pub fn replace_section(previous: &str, begin: &str, end: &str, section: &str) -> String {
+    let body = format!("{begin}\n{section}{end}\n");
+    if let (Some(start), Some(stop)) = (previous.find(begin), previous.find(end)) {
+        if stop > start {
+            return format!(
+                "{}{body}{}",
+                &previous[..start],
+                previous[stop + end.len()..].trim_start_matches('\n')
+            );
+        }
+    }
+    let mut out = previous.to_string();
+    if !out.is_empty() && !out.ends_with("\n\n") {
+        out.push('\n');
+    }
+    out.push_str(&body);
     out
 }
 

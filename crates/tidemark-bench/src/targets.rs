@@ -84,6 +84,9 @@ impl Site {
             .arg(self.api.to_string())
             .arg("--repl-listen")
             .arg(self.repl.to_string())
+            // Nothing scrapes it here; any free port keeps it off a real site's 9600.
+            .arg("--metrics-listen")
+            .arg("127.0.0.1:0")
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("duplicate site log handle")?)
@@ -114,6 +117,11 @@ impl Site {
         let mut child = self.child.take().context("kill a site that is not running")?;
         child.kill()?;
         Ok(())
+    }
+
+    /// The replication link's address.
+    pub fn repl_addr(&self) -> SocketAddr {
+        self.repl
     }
 
     /// Process id of the running site.
@@ -273,7 +281,7 @@ fn free_loopback_port() -> Result<SocketAddr> {
 }
 
 /// A loopback UDP address with a port that was free a moment ago.
-fn free_loopback_udp_port() -> Result<SocketAddr> {
+pub fn free_loopback_udp_port() -> Result<SocketAddr> {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("find a free loopback UDP port")?;
     socket.local_addr().context("find a free loopback UDP port")
 }

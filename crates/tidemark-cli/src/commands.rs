@@ -145,6 +145,52 @@ fn group(api: &ApiClient, json: bool, command: &GroupCommand) -> Result<()> {
             api.post(&format!("/v1/groups/{}/resume", segment(group)), &json!({}))?;
             println!("resumed replication of group {group}");
         }
+        GroupCommand::Swap { group } => {
+            validate_name("group", group)?;
+            let s = api.post(&format!("/v1/groups/{}/swap", segment(group)), &json!({}))?;
+            if json {
+                return print_json(&s);
+            }
+            println!(
+                "swapped roles of group {group} in {:.2}s: generation {}, no data lost (both sites at seq {}); \
+                 hosts must reconnect to the new primary's exports",
+                s["seconds"].as_f64().unwrap_or_default(),
+                number(&s, "generation"),
+                number(&s, "last_seq")
+            );
+        }
+        GroupCommand::Takeover { group, at, force, yes } => {
+            validate_name("group", group)?;
+            if let Some(at) = at {
+                Point::from_str(at)?;
+            }
+            if !yes {
+                eprintln!(
+                    "this makes this site's copy of group {group} the primary{}, under a new generation. Writes the old \
+                     primary made that never arrived here are not in it; when the old primary returns it keeps them \
+                     as a read-only salvage image, rewinds, and follows this site.",
+                    at.as_ref().map(|a| format!(" at {a}")).unwrap_or_default()
+                );
+                bail!("not taking over without --yes");
+            }
+            let body = json!({ "at": at, "force": force });
+            let t = api.post(&format!("/v1/groups/{}/takeover", segment(group)), &body)?;
+            if json {
+                return print_json(&t);
+            }
+            println!(
+                "group {group} is primary here under generation {} ({:.2}s); fork point seq {} ({}){}",
+                number(&t, "generation"),
+                t["seconds"].as_f64().unwrap_or_default(),
+                number(&t, "fork_seq"),
+                text(&t, "fork_time"),
+                if text(&t, "partner").is_empty() {
+                    String::new()
+                } else {
+                    format!("; protecting to {} when it returns", text(&t, "partner"))
+                }
+            );
+        }
         GroupCommand::Show { name } => {
             let g = api.get(&format!("/v1/groups/{}", segment(name)))?;
             if json {
@@ -175,6 +221,19 @@ fn group(api: &ApiClient, json: bool, command: &GroupCommand) -> Result<()> {
                         if text(&g, "partner").is_empty() { "(none)".into() } else { text(&g, "partner") }
                     ),
                     ("replication", replication_line(&g["replication"])),
+                    (
+                        "fork point",
+                        if g["fork_point"].is_null() {
+                            "(none)".into()
+                        } else {
+                            format!(
+                                "seq:{} ({}), generation {}",
+                                number(&g["fork_point"], "seq"),
+                                text(&g["fork_point"], "time"),
+                                number(&g["fork_point"], "generation")
+                            )
+                        }
+                    ),
                     ("retention", seconds(number(&g, "retention_seconds"))),
                     (
                         "journal",
@@ -407,6 +466,23 @@ fn history(api: &ApiClient, json: bool, group: &str) -> Result<()> {
                 point(&r["before"]),
                 point(&r["after"]),
                 format_bytes(number(r, "bytes_rewritten")),
+            ]);
+        }
+        table.print()?;
+    }
+    let changes = items(&h, "role_changes");
+    println!("\nrole changes:");
+    if changes.is_empty() {
+        println!("(none)");
+    } else {
+        let mut table = Table::new(&["TIME", "FROM", "TO", "GENERATION", "REASON"]);
+        for c in changes {
+            table.row(vec![
+                text(c, "time"),
+                text(c, "from"),
+                text(c, "to"),
+                number(c, "generation").to_string(),
+                text(c, "reason"),
             ]);
         }
         table.print()?;

@@ -102,6 +102,9 @@ pub struct ServeArgs {
     /// Replication (QUIC, UDP) listen address (overrides replication.listen).
     #[arg(long, value_name = "ADDR")]
     pub repl_listen: Option<SocketAddr>,
+    /// Prometheus metrics listen address (overrides metrics.listen).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// `tidemark group ...`.
@@ -147,6 +150,26 @@ pub enum GroupCommand {
     Resume {
         /// Group name.
         group: String,
+    },
+    /// Trade roles with the partner, planned and with no data loss (either site, both connected).
+    Swap {
+        /// Group name.
+        group: String,
+    },
+    /// Make this site's copy the primary because the primary site is lost (run on the secondary).
+    Takeover {
+        /// Group name.
+        group: String,
+        /// Take over at an earlier point of this site's history (recover from before a bad
+        /// write): `latest`, `seq:N`, `bookmark:NAME`, an RFC 3339 time or `-5m`.
+        #[arg(long, value_name = "POINT", allow_hyphen_values = true)]
+        at: Option<String>,
+        /// Take over even though the primary answers (it is fenced when it next connects).
+        #[arg(long)]
+        force: bool,
+        /// Confirm: the old primary's unreplicated writes will be kept aside, not in the volumes.
+        #[arg(long)]
+        yes: bool,
     },
 }
 

@@ -24,6 +24,7 @@ pub fn run(cli: &Cli, args: &ServeArgs) -> Result<()> {
         nbd_listen: args.nbd_listen,
         api_listen: args.api_listen,
         repl_listen: args.repl_listen,
+        metrics_listen: args.metrics_listen,
     })?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -40,6 +41,8 @@ pub fn run(cli: &Cli, args: &ServeArgs) -> Result<()> {
         let mut stdout = std::io::stdout().lock();
         writeln!(stdout, "nbd listening on {}", site.nbd_addr()).context("write to stdout")?;
         writeln!(stdout, "api listening on http://{}", site.api_addr()).context("write to stdout")?;
+        writeln!(stdout, "metrics listening on http://{}/metrics", site.metrics_addr())
+            .context("write to stdout")?;
         stdout.flush().context("write to stdout")?;
         drop(stdout);
         tracing::info!(
@@ -48,6 +51,7 @@ pub fn run(cli: &Cli, args: &ServeArgs) -> Result<()> {
             token = %site.token_path().display(),
             nbd = %site.nbd_addr(),
             api = %site.api_addr(),
+            metrics = %site.metrics_addr(),
             "site started"
         );
 

@@ -4,6 +4,7 @@
 //! by name and calls the blocking methods of [`Export`] from `tokio::task::spawn_blocking`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 /// What a client learns about an export during the handshake.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,6 +30,56 @@ pub struct AllocationExtent {
     pub hole: bool,
     /// The extent reads as zeroes (NBD_STATE_ZERO).
     pub zero: bool,
+}
+
+/// An NBD command that reaches an export, for per-export accounting in [`Export::observe`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Operation {
+    /// `NBD_CMD_READ`.
+    Read,
+    /// `NBD_CMD_WRITE`.
+    Write,
+    /// `NBD_CMD_FLUSH`.
+    Flush,
+    /// `NBD_CMD_TRIM`.
+    Trim,
+    /// `NBD_CMD_CACHE`.
+    Cache,
+    /// `NBD_CMD_WRITE_ZEROES`.
+    WriteZeroes,
+    /// `NBD_CMD_BLOCK_STATUS`.
+    BlockStatus,
+}
+
+impl Operation {
+    /// Every operation, in command-number order.
+    pub const ALL: [Operation; 7] = [
+        Operation::Read,
+        Operation::Write,
+        Operation::Flush,
+        Operation::Trim,
+        Operation::Cache,
+        Operation::WriteZeroes,
+        Operation::BlockStatus,
+    ];
+
+    /// Lower-case name (`write_zeroes`), as metrics label it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Operation::Read => "read",
+            Operation::Write => "write",
+            Operation::Flush => "flush",
+            Operation::Trim => "trim",
+            Operation::Cache => "cache",
+            Operation::WriteZeroes => "write_zeroes",
+            Operation::BlockStatus => "block_status",
+        }
+    }
+
+    /// Position in [`Operation::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
 }
 
 /// Why an export operation failed; each maps to one NBD error value.
@@ -77,6 +128,12 @@ pub trait Export: Send + Sync + 'static {
     /// Describe allocation of `[offset, offset+length)`; the extents must cover at least one
     /// byte and may stop early. Their lengths sum to at most `length`.
     fn block_status(&self, offset: u64, length: u64) -> Result<Vec<AllocationExtent>, ExportError>;
+    /// Called once for every answered request of a known command, refused ones included, with
+    /// the bytes it covered (zero when it failed; see [`crate::CommandStats::bytes_total`]),
+    /// whether it was answered with an error, and the time from reading its header to queueing
+    /// its reply. Runs on the request's path: keep it to a few atomic adds. Does nothing unless
+    /// the export wants per-export metrics.
+    fn observe(&self, _operation: Operation, _bytes: u64, _failed: bool, _latency: Duration) {}
 }
 
 /// The set of exports a server offers.

@@ -63,7 +63,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-pub use export::{AllocationExtent, Export, ExportError, ExportInfo, ExportProvider};
+pub use export::{AllocationExtent, Export, ExportError, ExportInfo, ExportProvider, Operation};
 pub use stats::{CommandStats, NbdStats};
 
 /// Largest option data the server reads and acts on, in bytes. Real options are a name and a

@@ -16,7 +16,7 @@ use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::export::{AllocationExtent, Export, ExportError};
+use crate::export::{AllocationExtent, Export, ExportError, Operation};
 use crate::framing::{discard, read_header_or_stop, unless_stopped, HeaderRead};
 use crate::handshake::Session;
 use crate::proto::*;
@@ -192,11 +192,16 @@ struct Connection {
 }
 
 impl Connection {
-    /// Count an answered request in the stats.
+    /// Count an answered request in the server's stats and the export's.
     fn record(&self, kind: u16, outcome: &Outcome, started: Instant) {
         match self.stats.command(kind) {
             Some(stats) => {
-                stats.record(outcome.as_ref().copied().unwrap_or(0), outcome.is_err(), started.elapsed())
+                let (bytes, failed, latency) =
+                    (outcome.as_ref().copied().unwrap_or(0), outcome.is_err(), started.elapsed());
+                stats.record(bytes, failed, latency);
+                if let Some(operation) = operation_of(kind) {
+                    self.export.observe(operation, bytes, failed, latency);
+                }
             }
             None => {
                 self.stats.unknown_commands_total.fetch_add(1, Ordering::Relaxed);
@@ -224,6 +229,20 @@ impl Connection {
             error.to_string()
         };
         (error_reply(self.rules.structured, cookie, wire, &message), Err(wire))
+    }
+}
+
+/// The export-facing name of a known command (none for `NBD_CMD_DISC` and unknown ones).
+fn operation_of(kind: u16) -> Option<Operation> {
+    match kind {
+        CMD_READ => Some(Operation::Read),
+        CMD_WRITE => Some(Operation::Write),
+        CMD_FLUSH => Some(Operation::Flush),
+        CMD_TRIM => Some(Operation::Trim),
+        CMD_CACHE => Some(Operation::Cache),
+        CMD_WRITE_ZEROES => Some(Operation::WriteZeroes),
+        CMD_BLOCK_STATUS => Some(Operation::BlockStatus),
+        _ => None,
     }
 }
 

@@ -52,6 +52,24 @@ pub struct Config {
     pub defaults: Defaults,
     /// `[replication]`: the QUIC link to partner sites.
     pub replication: ReplicationSection,
+    /// `[metrics]`: the Prometheus endpoint.
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the Prometheus text endpoint (`GET /metrics`, no token). Default
+    /// `127.0.0.1:9600`.
+    #[serde(deserialize_with = "socket_addr")]
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { listen: SocketAddr::from(([127, 0, 0, 1], 9600)) }
+    }
 }
 
 /// `[replication]`.
@@ -213,6 +231,8 @@ pub struct Overrides {
     pub api_listen: Option<SocketAddr>,
     /// `--repl-listen`.
     pub repl_listen: Option<SocketAddr>,
+    /// `--metrics-listen`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Why a configuration was refused. The message names the file and the key.
@@ -337,6 +357,9 @@ impl Config {
         if let Some(addr) = overrides.repl_listen {
             self.replication.listen = addr;
         }
+        if let Some(addr) = overrides.metrics_listen {
+            self.metrics.listen = addr;
+        }
         self.check("command line")
     }
 
@@ -357,6 +380,14 @@ impl Config {
                 "api.listen",
                 format!("{} is also nbd.listen; give each listener its own port", self.api.listen),
             ));
+        }
+        for (other, addr) in [("nbd.listen", self.nbd.listen), ("api.listen", self.api.listen)] {
+            if self.metrics.listen == addr && addr.port() != 0 {
+                return Err(refuse(
+                    "metrics.listen",
+                    format!("{addr} is also {other}; give each listener its own port"),
+                ));
+            }
         }
         let limits = &self.limits;
         if !(NBD_PAYLOAD_BYTES_FLOOR..=NBD_PAYLOAD_BYTES_CEILING).contains(&limits.nbd_payload_bytes_max) {
@@ -503,6 +534,7 @@ mod tests {
         assert_eq!(config.defaults.retention, Duration::from_secs(24 * 3600));
         assert_eq!(config.defaults.journal_max_bytes, 20 << 30);
         assert_eq!(config.limits.api_body_bytes_max, 64 << 10);
+        assert_eq!(config.metrics.listen, "127.0.0.1:9600".parse().expect("addr"));
         assert!(validate_name("site", &config.site.name).is_ok());
         let loaded = Config::load(None).expect("defaults");
         assert_eq!(loaded.api.listen, config.api.listen);
@@ -530,6 +562,8 @@ mod tests {
             [defaults]
             retention = "7days"
             journal_max = "100GiB"
+            [metrics]
+            listen = "0.0.0.0:9700"
             "#,
             "full.toml",
         )
@@ -548,6 +582,7 @@ mod tests {
         assert_eq!(config.defaults.retention, Duration::from_secs(7 * 86_400));
         assert_eq!(config.defaults.group_options().journal_max_bytes, 100 << 30);
         assert_eq!(config.defaults.group_options().retention_seconds, 7 * 86_400);
+        assert_eq!(config.metrics.listen, "0.0.0.0:9700".parse().expect("addr"));
     }
 
     #[test]
@@ -599,6 +634,11 @@ mod tests {
         assert!(err.starts_with("config/test.toml: key site.name: invalid site name"), "{err}");
         let err = error_of("[nbd]\nlisten = \"127.0.0.1:9000\"\n[api]\nlisten = \"127.0.0.1:9000\"\n");
         assert!(err.starts_with("config/test.toml: key api.listen:"), "{err}");
+        let err = error_of("[api]\nlisten = \"127.0.0.1:9000\"\n[metrics]\nlisten = \"127.0.0.1:9000\"\n");
+        assert!(
+            err.starts_with("config/test.toml: key metrics.listen: 127.0.0.1:9000 is also api.listen"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -617,12 +657,14 @@ mod tests {
                 nbd_listen: Some("127.0.0.1:1".parse().expect("addr")),
                 api_listen: Some("127.0.0.1:2".parse().expect("addr")),
                 repl_listen: Some("127.0.0.1:3".parse().expect("addr")),
+                metrics_listen: Some("127.0.0.1:4".parse().expect("addr")),
             })
             .expect("overrides");
         assert_eq!(config.site.name, "b");
         assert_eq!(config.site.data_dir, PathBuf::from("/tmp/b"));
         assert_eq!(config.nbd.listen.port(), 1);
         assert_eq!(config.api.listen.port(), 2);
+        assert_eq!(config.metrics.listen.port(), 4);
         let err = config
             .apply(Overrides { name: Some("-x".into()), ..Overrides::default() })
             .expect_err("bad name");
@@ -635,19 +677,22 @@ mod tests {
         assert!(err.to_string().starts_with("/nonexistent/tidemark.toml: cannot read config file"), "{err}");
     }
 
-    /// Every example shipped under config/ must load, so the examples never rot.
+    /// Every example shipped under config/ and deploy/ must load, so the examples never rot.
     #[test]
     fn shipped_examples_parse() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config");
-        let mut seen = 0;
-        for entry in std::fs::read_dir(&dir).expect("read config/") {
-            let path = entry.expect("config/ entry").path();
-            if path.extension().is_some_and(|e| e == "toml") {
-                let config = Config::load(Some(&path)).unwrap_or_else(|e| panic!("{e}"));
-                assert_ne!(config.nbd.listen, config.api.listen);
-                seen += 1;
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        for (dir, expected) in [("config", 2), ("deploy/systemd", 1), ("deploy/compose", 2)] {
+            let dir = root.join(dir);
+            let mut seen = 0;
+            for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("read {}: {e}", dir.display())) {
+                let path = entry.expect("directory entry").path();
+                if path.extension().is_some_and(|e| e == "toml") {
+                    let config = Config::load(Some(&path)).unwrap_or_else(|e| panic!("{e}"));
+                    assert_ne!(config.nbd.listen, config.api.listen);
+                    seen += 1;
+                }
             }
+            assert!(seen >= expected, "expected {expected} example configs in {}", dir.display());
         }
-        assert!(seen >= 2, "expected the example configs in {}", dir.display());
     }
 }

@@ -7,7 +7,7 @@
 //! Lines are appended without fsync: the log is for people, the journal is what must survive a
 //! crash. A torn last line after a crash is skipped when the log is loaded.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -27,7 +27,7 @@ pub const EVENTS_RECENT_MAX: usize = 10_000;
 pub const EVENTS_RETURNED_MAX: usize = 1_000;
 
 /// Where an event came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EventSource {
     /// A management API request (an audit record).
@@ -123,6 +123,23 @@ struct Inner {
     recent: VecDeque<Event>,
     /// Events that could not be written since the last success; logged once per run of failures.
     write_failures: u64,
+    /// Events recorded since the site started, by source and action, for metrics. Actions are
+    /// names in the code, so this stays small.
+    counts: BTreeMap<(EventSource, String), u64>,
+    /// Engine events recorded since the site started, by kind and group. Only the engine's: its
+    /// group names are groups that exist, where an API request's may be anything a client sent.
+    engine_counts: BTreeMap<(String, String), u64>,
+}
+
+impl EventSource {
+    /// Its name in the log and in metrics (`api`, `engine`, `site`).
+    pub fn name(self) -> &'static str {
+        match self {
+            EventSource::Api => "api",
+            EventSource::Engine => "engine",
+            EventSource::Site => "site",
+        }
+    }
 }
 
 /// Why the event log could not be opened.
@@ -157,7 +174,14 @@ impl EventLog {
         Ok(EventLog {
             dir: dir.to_path_buf(),
             file_bytes_max,
-            inner: Mutex::new(Inner { file: Some(file), file_bytes, recent, write_failures: 0 }),
+            inner: Mutex::new(Inner {
+                file: Some(file),
+                file_bytes,
+                recent,
+                write_failures: 0,
+                counts: BTreeMap::new(),
+                engine_counts: BTreeMap::new(),
+            }),
         })
     }
 
@@ -191,7 +215,24 @@ impl EventLog {
         if inner.recent.len() == EVENTS_RECENT_MAX {
             inner.recent.pop_front();
         }
+        *inner.counts.entry((event.source, event.action.clone())).or_default() += 1;
+        if let (EventSource::Engine, Some(group)) = (event.source, &event.group) {
+            *inner.engine_counts.entry((event.action.clone(), group.clone())).or_default() += 1;
+        }
         inner.recent.push_back(event);
+    }
+
+    /// Events recorded since the site started (those loaded from the file at start are not
+    /// counted), by source and action.
+    pub fn counts(&self) -> Vec<(EventSource, String, u64)> {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.counts.iter().map(|((source, action), count)| (*source, action.clone(), *count)).collect()
+    }
+
+    /// Engine events of `kind` (`history_trimmed`) about `group` recorded since the site started.
+    pub fn engine_count(&self, kind: &str, group: &str) -> u64 {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.engine_counts.get(&(kind.to_string(), group.to_string())).copied().unwrap_or(0)
     }
 
     /// The newest events at or after `since` (nanoseconds since the epoch), at most `limit`

@@ -1,5 +1,5 @@
-//! The Tidemark site daemon: configuration, the NBD listener and the HTTP/JSON management API
-//! around one engine.
+//! The Tidemark site daemon: configuration, the NBD listener, the HTTP/JSON management API,
+//! replication and the metrics endpoint around one engine.
 //!
 //! `tidemark serve` builds a [`Config`], calls [`Site::start`] and then [`Site::run`] until a
 //! signal arrives. Everything else in the CLI talks to the API this crate serves.
@@ -8,6 +8,7 @@ pub mod api;
 pub mod config;
 pub mod events;
 pub mod jobs;
+pub mod metrics;
 pub mod names;
 pub mod nbd_adapter;
 pub mod replication;

@@ -4,19 +4,28 @@
 //! module is the only place the two meet, so the error mapping below is the whole contract.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tidemark_engine::{Durability, Engine, EngineError, ExportDesc, ExportHandle, Punch};
-use tidemark_nbd::export::{AllocationExtent, Export, ExportError, ExportInfo, ExportProvider};
+use tidemark_nbd::export::{AllocationExtent, Export, ExportError, ExportInfo, ExportProvider, Operation};
+
+use crate::metrics::{ExportIo, NbdIo};
 
 /// Every volume (`VOLUME`) and image export (`IMAGE/VOLUME`) of an engine.
 pub struct EngineExports {
     engine: Arc<Engine>,
+    io: Arc<NbdIo>,
 }
 
 impl EngineExports {
-    /// Exports of `engine`.
+    /// Exports of `engine`, counting their requests in counters of their own.
     pub fn new(engine: Arc<Engine>) -> EngineExports {
-        EngineExports { engine }
+        EngineExports::with_io(engine, Arc::default())
+    }
+
+    /// Exports of `engine`, counting their requests in `io` (which the metrics endpoint reads).
+    pub fn with_io(engine: Arc<Engine>, io: Arc<NbdIo>) -> EngineExports {
+        EngineExports { engine, io }
     }
 }
 
@@ -27,13 +36,14 @@ impl ExportProvider for EngineExports {
 
     fn open(&self, name: &str) -> Option<Arc<dyn Export>> {
         let handle = self.engine.open_export(name)?;
-        Some(Arc::new(EngineExport { handle }))
+        Some(Arc::new(EngineExport { handle, io: self.io.export(name) }))
     }
 }
 
 /// One open export.
 pub struct EngineExport {
     handle: Arc<ExportHandle>,
+    io: Arc<ExportIo>,
 }
 
 impl EngineExport {
@@ -84,6 +94,10 @@ impl Export for EngineExport {
             })
             .collect())
     }
+
+    fn observe(&self, operation: Operation, bytes: u64, failed: bool, latency: Duration) {
+        self.io.observe(operation, bytes, failed, latency);
+    }
 }
 
 fn durability(fua: bool) -> Durability {
@@ -112,8 +126,11 @@ fn export_info(desc: ExportDesc) -> ExportInfo {
 /// which tells the client not to retry on this connection.
 pub fn map_error(desc: &ExportDesc, offset: u64, length: u64, error: EngineError) -> ExportError {
     match error {
-        // A secondary's volumes are read-only to hosts until the group is promoted.
-        EngineError::ReadOnly(_) | EngineError::NotPrimary { .. } => ExportError::ReadOnly,
+        // A secondary's volumes are read-only to hosts until the group is promoted, and so are
+        // a primary's while it hands the role to its partner.
+        EngineError::ReadOnly(_) | EngineError::NotPrimary { .. } | EngineError::RoleChanging { .. } => {
+            ExportError::ReadOnly
+        }
         EngineError::NotFound { .. } => ExportError::ShuttingDown,
         EngineError::InvalidArgument(reason) => {
             if offset.checked_add(length).is_none_or(|end| end > desc.size_bytes) {

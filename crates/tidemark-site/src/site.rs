@@ -1,5 +1,5 @@
-//! A running site: the engine, the NBD listener and the management API, started together and
-//! stopped together.
+//! A running site: the engine, the NBD listener, the management API, replication and the
+//! metrics endpoint, started together and stopped together.
 //!
 //! Start-up is ordered so that a mistake costs nothing: the data directory, the token, the
 //! event log and both sockets are set up (bound) before the engine opens, so a port in use or
@@ -11,7 +11,7 @@ use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tidemark_engine::{Engine, EngineConfig, EngineError, SystemClock};
 use tidemark_nbd::{NbdServer, ServerConfig};
@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use crate::api::{self, ApiSettings, ApiState};
 use crate::config::Config;
 use crate::events::{Event, EventLog, EventLogError, EventSource};
+use crate::metrics::{self, NbdIo, Sources};
 use crate::nbd_adapter::EngineExports;
 use crate::replication::session::SessionConfig;
 use crate::replication::{Replication, ReplicationConfig};
@@ -54,7 +55,7 @@ pub enum SiteError {
     /// A listening socket could not be bound.
     #[error("listen for {service} on {addr}: {source}; is another site running, or is the port taken?")]
     Listen {
-        /// `nbd` or `api`.
+        /// `nbd`, `api` or `metrics`.
         service: &'static str,
         /// The address.
         addr: SocketAddr,
@@ -94,14 +95,18 @@ pub struct Site {
     token: ApiToken,
     nbd_listener: TcpListener,
     api_listener: TcpListener,
+    metrics_listener: TcpListener,
     nbd_addr: SocketAddr,
     api_addr: SocketAddr,
+    metrics_addr: SocketAddr,
     replication: Arc<Replication>,
+    started_at: SystemTime,
 }
 
 impl Site {
     /// Set up the data directory, token, event log and listeners, then open the engine.
     pub async fn start(config: Config) -> Result<Site, SiteError> {
+        let started_at = SystemTime::now();
         let data_dir = config.site.data_dir.clone();
         std::fs::create_dir_all(&data_dir)
             .map_err(|source| SiteError::DataDir { path: data_dir.clone(), source })?;
@@ -122,6 +127,7 @@ impl Site {
         };
         let (nbd_socket, nbd_addr, nbd_err) = bind("nbd", config.nbd.listen)?;
         let (api_socket, api_addr, api_err) = bind("api", config.api.listen)?;
+        let (metrics_socket, metrics_addr, metrics_err) = bind("metrics", config.metrics.listen)?;
 
         let engine_config = EngineConfig::new(data_dir.clone(), events.clone());
         let engine = tokio::task::spawn_blocking(move || Engine::open(engine_config, Arc::new(SystemClock)))
@@ -136,7 +142,7 @@ impl Site {
             EventSource::Site,
             "site.start",
             format!(
-                "site {} started (version {}), nbd on {nbd_addr}, api on {api_addr}",
+                "site {} started (version {}), nbd on {nbd_addr}, api on {api_addr}, metrics on {metrics_addr}",
                 config.site.name,
                 env!("CARGO_PKG_VERSION")
             ),
@@ -156,6 +162,7 @@ impl Site {
                 .map_err(|e| SiteError::Replication(Box::new(e)))?;
         let nbd_listener = nbd_socket.listen(LISTEN_BACKLOG).map_err(nbd_err)?;
         let api_listener = api_socket.listen(LISTEN_BACKLOG).map_err(api_err)?;
+        let metrics_listener = metrics_socket.listen(LISTEN_BACKLOG).map_err(metrics_err)?;
         Ok(Site {
             config,
             engine,
@@ -163,9 +170,12 @@ impl Site {
             token,
             nbd_listener,
             api_listener,
+            metrics_listener,
             nbd_addr,
             api_addr,
+            metrics_addr,
             replication,
+            started_at,
         })
     }
 
@@ -177,6 +187,11 @@ impl Site {
     /// Where the management API listens (the real port when 0 was asked for).
     pub fn api_addr(&self) -> SocketAddr {
         self.api_addr
+    }
+
+    /// Where the Prometheus endpoint listens (the real port when 0 was asked for).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
     }
 
     /// Where the replication link listens, and the site's fingerprint.
@@ -204,9 +219,12 @@ impl Site {
             token,
             nbd_listener,
             api_listener,
+            metrics_listener,
             nbd_addr,
             api_addr,
+            metrics_addr,
             replication,
+            started_at,
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -224,8 +242,27 @@ impl Site {
             connections_max: limits.nbd_connections_max,
             ..ServerConfig::default()
         };
-        let nbd = Arc::new(NbdServer::new(Arc::new(EngineExports::new(engine.clone())), server_config));
-        let mut nbd_task = tokio::spawn(nbd.serve(nbd_listener, stopped(stop_rx.clone())));
+        let nbd_io = Arc::new(NbdIo::default());
+        let exports = EngineExports::with_io(engine.clone(), nbd_io.clone());
+        let nbd = Arc::new(NbdServer::new(Arc::new(exports), server_config));
+        let mut nbd_task = tokio::spawn(nbd.clone().serve(nbd_listener, stopped(stop_rx.clone())));
+
+        // The metrics endpoint is not one of the servers whose failure stops the site: a site
+        // that cannot be scraped still serves its hosts (and `up` says it cannot be scraped).
+        let registry = Arc::new(metrics::registry(Sources {
+            engine: engine.clone(),
+            replication: replication.clone(),
+            events: events.clone(),
+            nbd,
+            nbd_io,
+            started: started_at,
+        }));
+        let metrics_task = tokio::spawn(
+            axum::serve(metrics_listener, metrics::router(registry))
+                .with_graceful_shutdown(stopped(stop_rx.clone()))
+                .into_future(),
+        );
+        tracing::debug!(url = %metrics::endpoint_url(metrics_addr), "metrics endpoint serving");
 
         let state = ApiState::new(
             ApiSettings {
@@ -289,6 +326,11 @@ impl Site {
         }
         for failure in &failures {
             tracing::error!(error = %failure, "server failed");
+        }
+        // Scrapes are short; one still running after the drain is cut off.
+        metrics_task.abort();
+        if let Ok(Err(e)) = metrics_task.await {
+            tracing::error!(error = %e, "metrics server failed");
         }
 
         replication.shutdown().await;

@@ -6,9 +6,39 @@ use std::time::{Duration, Instant};
 
 use tidemark_engine::{Durability, Engine, EngineConfig, GroupOptions, NullEvents, SystemClock};
 use tidemark_site::replication::session::{
-    run_primary, run_secondary, Channel, Limiter, PrimaryContext, ReplStats, SessionConfig,
+    run_primary, run_secondary, Channel, Limiter, PrimaryContext, ReplStats, SessionConfig, SessionEnd,
+    SessionError, SessionHost, SwapCall,
 };
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+
+/// The site around a secondary session, as these tests see it.
+struct TestHost {
+    stats: Arc<ReplStats>,
+    calls: parking_lot::Mutex<Option<mpsc::Sender<SwapCall>>>,
+    lock: Arc<tokio::sync::Mutex<()>>,
+    changes: parking_lot::Mutex<Vec<String>>,
+}
+
+impl SessionHost for TestHost {
+    fn stats_for(&self, _group: &str) -> Arc<ReplStats> {
+        self.stats.clone()
+    }
+    fn swap_calls(&self, _group: &str) -> mpsc::Receiver<SwapCall> {
+        let (tx, rx) = mpsc::channel(1);
+        *self.calls.lock() = Some(tx);
+        rx
+    }
+    fn session_lock(&self, _group: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.lock.clone()
+    }
+    fn receiving(&self, _group: &str, _peer: &str) {}
+    fn promoted(&self, group: &str, peer: &str, generation: u64) {
+        self.changes.lock().push(format!("promoted {group} {peer} {generation}"));
+    }
+    fn demoted(&self, group: &str, peer: &str, generation: u64) {
+        self.changes.lock().push(format!("demoted {group} {peer} {generation}"));
+    }
+}
 
 fn open(dir: &std::path::Path) -> Arc<Engine> {
     let mut config = EngineConfig::new(dir, Arc::new(NullEvents));
@@ -26,8 +56,12 @@ async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
 
 struct Pair {
     stop: watch::Sender<bool>,
-    primary: tokio::task::JoinHandle<Result<(), tidemark_site::replication::session::SessionError>>,
-    secondary: tokio::task::JoinHandle<Result<(), tidemark_site::replication::session::SessionError>>,
+    primary: tokio::task::JoinHandle<Result<SessionEnd, SessionError>>,
+    secondary: tokio::task::JoinHandle<Result<SessionEnd, SessionError>>,
+    /// Swap calls to the primary's session.
+    swaps: mpsc::Sender<SwapCall>,
+    /// The secondary's host.
+    host: Arc<TestHost>,
 }
 
 fn connect(p: &Arc<Engine>, s: &Arc<Engine>, stats: &Arc<ReplStats>, rstats: &Arc<ReplStats>) -> Pair {
@@ -43,6 +77,7 @@ fn connect_limited(
 ) -> Pair {
     let (a, b) = Channel::pair(64);
     let (stop, stop_rx) = watch::channel(false);
+    let (swaps, swaps_rx) = mpsc::channel(1);
     let group = p.group_handle("db").expect("group");
     let context = PrimaryContext {
         site: "a".into(),
@@ -50,11 +85,18 @@ fn connect_limited(
         config: SessionConfig::default(),
         hold: |_| {},
         limiter,
+        swaps: swaps_rx,
     };
     let primary = tokio::spawn(run_primary(group, a, context, stop_rx));
-    let rs = rstats.clone();
-    let secondary = tokio::spawn(run_secondary(s.clone(), "b".into(), b, move |_| rs.clone()));
-    Pair { stop, primary, secondary }
+    let host = Arc::new(TestHost {
+        stats: rstats.clone(),
+        calls: parking_lot::Mutex::new(None),
+        lock: Arc::new(tokio::sync::Mutex::new(())),
+        changes: parking_lot::Mutex::new(Vec::new()),
+    });
+    let session_host: Arc<dyn SessionHost> = host.clone();
+    let secondary = tokio::spawn(run_secondary(s.clone(), "b".into(), "a".into(), b, session_host));
+    Pair { stop, primary, secondary, swaps, host }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,6 +227,7 @@ async fn a_corrupted_batch_from_a_partner_is_refused_with_an_event() {
         last_seq: Seq(0),
         chain: genesis_chain(id),
         durable_seq: Seq(0),
+        generations: vec![tidemark_journal::GenerationStart { generation: 1, first_seq: Seq(1) }],
     };
     w.send(&Message::Hello { protocol: tidemark_repl::PROTOCOL_VERSION, site: "evil".into() }.encode())
         .await
@@ -258,6 +301,120 @@ async fn a_limited_session_sends_every_batch_through_the_limit() {
         .await;
     assert_eq!(limiter.lock().taken_bytes_total(), stats.bytes_sent_compressed_total.load(Ordering::Relaxed));
     assert!(limiter.lock().taken_bytes_total() > 0);
+    pair.stop.send(true).expect("stop");
+    let _ = pair.primary.await;
+}
+
+fn fresh_stats() -> Arc<ReplStats> {
+    Arc::new(ReplStats::new(tidemark_journal::Seq(0)))
+}
+
+fn same_volume(x: &Arc<Engine>, y: &Arc<Engine>, bytes: usize) {
+    let (mut a, mut b) = (vec![0u8; bytes], vec![0u8; bytes]);
+    x.open_export("data").expect("export").read(0, &mut a).expect("read");
+    y.open_export("data").expect("export").read(0, &mut b).expect("read");
+    assert!(a == b, "the volumes differ");
+}
+
+/// A primary `p` with `db`/`data` replicated to `s`, all acked.
+async fn replicated_pair(da: &std::path::Path, db: &std::path::Path) -> (Arc<Engine>, Arc<Engine>) {
+    let p = open(da);
+    let s = open(db);
+    p.create_group("db", GroupOptions::default()).expect("group");
+    p.create_volume("db", "data", 4 << 20, 4096).expect("volume");
+    let v = p.open_export("data").expect("export");
+    for i in 0..16u64 {
+        v.write(i * 65536, &vec![i as u8 + 1; 65536], Durability::Buffered).expect("write");
+    }
+    let stats = fresh_stats();
+    let pair = connect(&p, &s, &stats, &fresh_stats());
+    let group = p.group_handle("db").expect("group");
+    wait_until("everything acked", || stats.acked_seq.load(Ordering::Acquire) == group.position().last_seq.0)
+        .await;
+    pair.stop.send(true).expect("stop");
+    let _ = pair.primary.await;
+    pair.secondary.abort();
+    let _ = pair.secondary.await;
+    (p, s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_asked_at_either_site_reverses_roles_with_nothing_lost_or_resent() {
+    for asked_at_secondary in [false, true] {
+        let (da, db) = (tempfile::tempdir().expect("a"), tempfile::tempdir().expect("b"));
+        let (p, s) = replicated_pair(da.path(), db.path()).await;
+        let v = p.open_export("data").expect("export");
+        v.write(0, &[0xaa; 4096], Durability::Buffered).expect("a write just before the swap");
+        let stats = fresh_stats();
+        let pair = connect(&p, &s, &stats, &fresh_stats());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if asked_at_secondary {
+            wait_until("the secondary session is up", || pair.host.calls.lock().is_some()).await;
+            let calls = pair.host.calls.lock().clone().expect("calls");
+            calls.send(tx).await.expect("ask the secondary");
+        } else {
+            pair.swaps.send(tx).await.expect("ask the primary");
+        }
+        let outcome = rx.await.expect("answered").expect("swapped");
+        assert_eq!(outcome.generation, 2);
+        assert_eq!(pair.primary.await.expect("join").expect("ok"), SessionEnd::SwappedOut { generation: 2 });
+        assert_eq!(pair.secondary.await.expect("join").expect("ok"), SessionEnd::Promoted { generation: 2 });
+        assert_eq!(pair.host.changes.lock().clone(), vec!["promoted db a 2".to_string()]);
+        assert_eq!(p.group("db").expect("g").role, "secondary");
+        assert_eq!(s.group("db").expect("g").role, "primary");
+        same_volume(&p, &s, 4 << 20);
+        assert!(v.write(0, &[1; 4096], Durability::Fua).is_err(), "the old primary refuses host writes");
+
+        // Replication reverses: the new primary sends only what it writes from now on.
+        s.open_export("data").expect("export").write(8192, &[0xbb; 4096], Durability::Fua).expect("write");
+        let back = fresh_stats();
+        let pair = connect(&s, &p, &back, &fresh_stats());
+        let group = s.group_handle("db").expect("group");
+        wait_until("reverse acked", || back.acked_seq.load(Ordering::Acquire) == group.position().last_seq.0)
+            .await;
+        assert!(back.bytes_sent_total.load(Ordering::Relaxed) < 64 << 10, "no resync after a swap");
+        same_volume(&p, &s, 4 << 20);
+        pair.stop.send(true).expect("stop");
+        let _ = pair.primary.await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_primary_is_fenced_then_fails_back_keeping_its_tail_aside() {
+    let (da, db) = (tempfile::tempdir().expect("a"), tempfile::tempdir().expect("b"));
+    let (p, s) = replicated_pair(da.path(), db.path()).await;
+    // The primary writes a tail that never leaves it, then "is lost"; the secondary takes over.
+    let v = p.open_export("data").expect("export");
+    v.write(65536, &[0xee; 8192], Durability::Fua).expect("tail write");
+    let fork = s.takeover("db", None, "test").expect("takeover");
+    let w = s.open_export("data").expect("export");
+    w.write(3 * 65536, &[0x33; 65536], Durability::Fua).expect("write on the new primary");
+
+    // The old primary dials its old partner: it learns of generation 2 and is fenced.
+    let stats = fresh_stats();
+    let pair = connect(&p, &s, &stats, &fresh_stats());
+    let err = pair.primary.await.expect("join").expect_err("fenced");
+    assert!(matches!(err, SessionError::Fenced(_)), "{err}");
+    assert_eq!(stats.fenced_by.load(Ordering::Acquire), 2);
+    assert!(pair.secondary.await.expect("join").is_err());
+
+    // The new primary dials the old one: it demotes, keeps its tail as a salvage image, rewinds,
+    // and receives only what was written since the fork.
+    let back = fresh_stats();
+    let pair = connect(&s, &p, &back, &fresh_stats());
+    let group = s.group_handle("db").expect("group");
+    wait_until("failback acked", || back.acked_seq.load(Ordering::Acquire) == group.position().last_seq.0)
+        .await;
+    assert_eq!(pair.host.changes.lock().clone(), vec!["demoted db a 2".to_string()]);
+    let sent = back.bytes_sent_total.load(Ordering::Relaxed);
+    assert!(sent < 65536 + 4096, "only the writes since the fork were sent ({sent} bytes)");
+    same_volume(&p, &s, 4 << 20);
+    let salvage = p.images().into_iter().find(|i| i.name.contains("salvage")).expect("a salvage image");
+    assert_eq!(salvage.salvage.as_ref().map(|i| i.fork_seq), Some(fork.seq.0));
+    let mut tail = vec![0u8; 8192];
+    p.open_export(&format!("{}/data", salvage.name)).expect("export").read(65536, &mut tail).expect("read");
+    assert_eq!(tail, vec![0xee; 8192], "the tail's writes are in the salvage image");
+    assert!(v.write(0, &[1; 4096], Durability::Fua).is_err(), "the old primary refuses host writes");
     pair.stop.send(true).expect("stop");
     let _ = pair.primary.await;
 }

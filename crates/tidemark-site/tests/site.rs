@@ -17,6 +17,7 @@ fn config(dir: &std::path::Path) -> Config {
             nbd_listen: Some("127.0.0.1:0".parse().expect("addr")),
             api_listen: Some("127.0.0.1:0".parse().expect("addr")),
             repl_listen: Some("127.0.0.1:0".parse().expect("addr")),
+            metrics_listen: Some("127.0.0.1:0".parse().expect("addr")),
         })
         .expect("config");
     config

@@ -69,7 +69,8 @@ impl From<EngineError> for ApiError {
             EngineError::AlreadyExists { .. }
             | EngineError::Conflict(_)
             | EngineError::ReadOnly(_)
-            | EngineError::NotPrimary { .. } => StatusCode::CONFLICT,
+            | EngineError::NotPrimary { .. }
+            | EngineError::RoleChanging { .. } => StatusCode::CONFLICT,
             EngineError::InvalidArgument(_) | EngineError::PointOutOfRange { .. } => StatusCode::BAD_REQUEST,
             EngineError::Poisoned { .. } | EngineError::Failed { .. } | EngineError::Diverged { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -90,9 +91,12 @@ impl From<crate::replication::ReplicationError> for ApiError {
             R::UnknownPartner(_) | R::NotProtected(_) => {
                 ApiError::new(StatusCode::NOT_FOUND, error.to_string())
             }
-            R::PartnerExists(_) | R::PartnerInUse { .. } | R::AlreadyProtected { .. } => {
-                ApiError::new(StatusCode::CONFLICT, error.to_string())
-            }
+            R::PartnerExists(_)
+            | R::PartnerInUse { .. }
+            | R::AlreadyProtected { .. }
+            | R::PrimaryReachable { .. }
+            | R::NotConnected(_)
+            | R::SwapFailed { .. } => ApiError::new(StatusCode::CONFLICT, error.to_string()),
             R::Invalid(_) => ApiError::bad_request(error.to_string()),
             R::Link(_) | R::Store { .. } => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, error.to_string())

@@ -125,12 +125,19 @@ pub struct GroupView {
     partner: Option<String>,
     /// Replication status, when protected here or received from a partner.
     replication: Option<ReplicationStatus>,
+    /// Where a takeover here forked the history (RFC 001).
+    fork_point: Option<crate::replication::ForkPointView>,
+    /// Generation, source partner and role changes.
+    roles: Option<crate::replication::RolesView>,
 }
 
 fn group_view(state: &ApiState, info: GroupInfo) -> GroupView {
+    let roles = state.replication.roles(&info.name);
     GroupView {
         partner: state.replication.partner_of(&info.name),
         replication: state.replication.status(&info.name),
+        fork_point: roles.as_ref().and_then(|r| r.fork_point.clone()),
+        roles,
         info,
     }
 }
@@ -196,6 +203,47 @@ pub async fn protect(
 ) -> ApiResult<Json<Protection>> {
     validate_name("group", &group)?;
     Ok(Json(state.replication.protect(&group, &req.partner)?))
+}
+
+/// What a swap answers.
+#[derive(Serialize)]
+pub struct SwapView {
+    #[serde(flatten)]
+    outcome: crate::replication::session::SwapOutcome,
+    /// Seconds from the request to the new primary.
+    seconds: f64,
+}
+
+/// `POST /v1/groups/{group}/swap`: hand the primary role to the partner (or take it, at the
+/// secondary), with no data loss. Answers when the swap is done.
+pub async fn swap(
+    State(state): State<Arc<ApiState>>,
+    ApiPath(group): ApiPath<String>,
+) -> ApiResult<Json<SwapView>> {
+    validate_name("group", &group)?;
+    let started = std::time::Instant::now();
+    let outcome = state.replication.swap(&group).await?;
+    Ok(Json(SwapView { outcome, seconds: started.elapsed().as_secs_f64() }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Takeover {
+    at: Option<String>,
+    #[serde(default)]
+    force: bool,
+}
+
+/// `POST /v1/groups/{group}/takeover`: make this site's copy the primary, its primary being lost.
+pub async fn takeover(
+    State(state): State<Arc<ApiState>>,
+    ApiPath(group): ApiPath<String>,
+    ApiJson(req): ApiJson<Takeover>,
+) -> ApiResult<Json<crate::replication::TakeoverOutcome>> {
+    validate_name("group", &group)?;
+    let at =
+        req.at.map(|p| Point::from_str(&p).map_err(|e| ApiError::bad_request(e.to_string()))).transpose()?;
+    Ok(Json(state.replication.takeover(&group, at, req.force).await?))
 }
 
 pub async fn unprotect(
@@ -327,13 +375,31 @@ pub async fn list_bookmarks(
     blocking(move || engine.bookmarks(&group)).await.map(Json)
 }
 
+/// A group's history: points, bookmarks, rollbacks, and its role changes here.
+#[derive(Serialize)]
+pub struct HistoryView {
+    #[serde(flatten)]
+    history: HistoryInfo,
+    /// Role changes at this site, oldest first.
+    role_changes: Vec<crate::replication::RoleChangeView>,
+    /// Where a takeover here forked the history.
+    fork_point: Option<crate::replication::ForkPointView>,
+}
+
 pub async fn history(
     State(state): State<Arc<ApiState>>,
     ApiPath(group): ApiPath<String>,
-) -> ApiResult<Json<HistoryInfo>> {
+) -> ApiResult<Json<HistoryView>> {
     validate_name("group", &group)?;
     let engine = state.engine.clone();
-    blocking(move || engine.history(&group)).await.map(Json)
+    let name = group.clone();
+    let history = blocking(move || engine.history(&name)).await?;
+    let roles = state.replication.roles(&group);
+    Ok(Json(HistoryView {
+        history,
+        role_changes: roles.as_ref().map(|r| r.role_changes.clone()).unwrap_or_default(),
+        fork_point: roles.and_then(|r| r.fork_point),
+    }))
 }
 
 #[derive(Deserialize)]

@@ -87,6 +87,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/groups/{group}/unprotect", post(handlers::unprotect))
         .route("/v1/groups/{group}/pause", post(handlers::pause))
         .route("/v1/groups/{group}/resume", post(handlers::resume))
+        .route("/v1/groups/{group}/swap", post(handlers::swap))
+        .route("/v1/groups/{group}/takeover", post(handlers::takeover))
         .route("/v1/site", get(handlers::site))
         .route("/v1/partners", get(handlers::list_partners).post(handlers::add_partner))
         .route("/v1/partners/{name}", axum::routing::delete(handlers::remove_partner))
@@ -120,6 +122,8 @@ fn action_of(method: &Method, route: &str) -> &'static str {
         ("POST", "/v1/groups/{group}/unprotect") => "group.unprotect",
         ("POST", "/v1/groups/{group}/pause") => "group.pause",
         ("POST", "/v1/groups/{group}/resume") => "group.resume",
+        ("POST", "/v1/groups/{group}/swap") => "group.swap",
+        ("POST", "/v1/groups/{group}/takeover") => "group.takeover",
         ("POST", "/v1/partners") => "partner.add",
         ("DELETE", "/v1/partners/{name}") => "partner.remove",
         _ => "request",

@@ -25,15 +25,18 @@ use tidemark_link::{Fingerprint, FrameReader, FrameWriter, Identity, Link, LinkP
 use tokio::sync::{mpsc, watch};
 
 use crate::events::{Event, EventLog, EventSource};
+use crate::metrics::LinkError;
 use session::{
     run_primary, run_secondary, Channel, Limiter, PrimaryContext, ReplState, ReplStats, SessionConfig,
-    SessionError,
+    SessionEnd, SessionError, SessionHost, SwapCall, SwapOutcome,
 };
 
 /// File of partners and protections in the data directory.
 pub const STORE_FILE_NAME: &str = "replication.json";
 /// Directory of the site's key and certificate in the data directory.
 pub const IDENTITY_DIR_NAME: &str = "identity";
+/// How long a takeover waits for the old primary's link to answer before deciding it is gone.
+pub const REACHABLE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The name replication holds history under (see [`Engine::pin`]).
 const PIN_HOLDER: &str = "replication";
 /// Frames buffered between a stream and its session, each way.
@@ -83,6 +86,10 @@ pub struct Protection {
 struct Store {
     partners: BTreeMap<String, Partner>,
     protections: BTreeMap<String, Protection>,
+    /// For each group that is a secondary here, the partner its primary is at: where a takeover
+    /// sends the history from then on, and whom a takeover first checks is really gone.
+    #[serde(default)]
+    sources: BTreeMap<String, String>,
 }
 
 /// Why a replication request failed.
@@ -116,6 +123,27 @@ pub enum ReplicationError {
     /// Bad input.
     #[error("{0}")]
     Invalid(String),
+    /// The primary answers: a takeover would make two primaries.
+    #[error("the primary of group {group:?} at partner {partner:?} ({address}) is reachable; use `tidemark group swap {group}` for a planned change, or `--force` if it must be replaced anyway")]
+    PrimaryReachable {
+        /// Group name.
+        group: String,
+        /// Partner name.
+        partner: String,
+        /// Its address.
+        address: String,
+    },
+    /// A swap needs both sites connected.
+    #[error("group {0:?} has no replication session with its partner right now; a swap needs both sites connected and streaming")]
+    NotConnected(String),
+    /// The swap did not happen.
+    #[error("swap of group {group:?} failed: {reason}")]
+    SwapFailed {
+        /// Group name.
+        group: String,
+        /// Why.
+        reason: String,
+    },
     /// The engine refused.
     #[error(transparent)]
     Engine(#[from] EngineError),
@@ -170,6 +198,116 @@ pub struct ReplicationStatus {
     pub last_error: Option<String>,
 }
 
+/// A finished takeover.
+#[derive(Clone, Debug, Serialize)]
+pub struct TakeoverOutcome {
+    /// The new generation.
+    pub generation: u64,
+    /// Last seq of the history shared with the old primary.
+    pub fork_seq: u64,
+    /// Its time (RFC 3339).
+    pub fork_time: String,
+    /// The old primary's site, now protected to (it fails back when it returns).
+    pub partner: Option<String>,
+    /// Seconds from the command to a writable primary.
+    pub seconds: f64,
+}
+
+/// A group's roles as `group show` reports them.
+#[derive(Clone, Debug, Serialize)]
+pub struct RolesView {
+    /// Newest generation known here.
+    pub generation: u64,
+    /// The partner the group is received from (secondaries).
+    pub source_partner: Option<String>,
+    /// Where this site's takeover forked the history.
+    pub fork_point: Option<ForkPointView>,
+    /// A swap started here and not settled (host writes are refused).
+    pub swap_pending: bool,
+    /// Role changes here, oldest first.
+    pub role_changes: Vec<RoleChangeView>,
+}
+
+/// A fork point.
+#[derive(Clone, Debug, Serialize)]
+pub struct ForkPointView {
+    /// Generation the takeover started.
+    pub generation: u64,
+    /// Last shared seq.
+    pub seq: u64,
+    /// Its time (RFC 3339).
+    pub time: String,
+}
+
+/// One role change.
+#[derive(Clone, Debug, Serialize)]
+pub struct RoleChangeView {
+    /// When (RFC 3339).
+    pub time: String,
+    /// Role before.
+    pub from: &'static str,
+    /// Role after.
+    pub to: &'static str,
+    /// Generation after.
+    pub generation: u64,
+    /// Why.
+    pub reason: String,
+}
+
+fn role_name(role: tidemark_engine::persist::Role) -> &'static str {
+    match role {
+        tidemark_engine::persist::Role::Primary => "primary",
+        tidemark_engine::persist::Role::Secondary => "secondary",
+    }
+}
+
+impl SessionHost for Replication {
+    fn stats_for(&self, group: &str) -> Arc<ReplStats> {
+        Replication::stats_for(self, group)
+    }
+
+    fn swap_calls(&self, group: &str) -> mpsc::Receiver<SwapCall> {
+        let (tx, rx) = mpsc::channel(1);
+        self.swap_calls.lock().insert(group.into(), tx);
+        rx
+    }
+
+    fn session_lock(&self, group: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.session_locks.lock().entry(group.into()).or_default().clone()
+    }
+
+    fn receiving(&self, group: &str, peer: &str) {
+        let mut store = self.store.lock();
+        if store.sources.get(group).map(String::as_str) == Some(peer) {
+            return;
+        }
+        let mut next = store.clone();
+        next.sources.insert(group.into(), peer.into());
+        match save_store(&self.store_path, &next) {
+            Ok(()) => *store = next,
+            Err(e) => tracing::error!(%group, error = %e, "could not record where the group comes from"),
+        }
+    }
+
+    fn promoted(&self, group: &str, peer: &str, generation: u64) {
+        self.event(
+            "role.promoted",
+            group,
+            format!("group {group}: primary here under generation {generation} (swap with partner {peer})"),
+        );
+        self.became_primary(group, peer);
+    }
+
+    fn demoted(&self, group: &str, peer: &str, generation: u64) {
+        self.event(
+            "role.fenced",
+            group,
+            format!("group {group}: partner {peer} is primary under generation {generation}; this site demoted itself to secondary"),
+        );
+        self.became_secondary(group, peer);
+    }
+}
+
 struct Task {
     stop: watch::Sender<bool>,
     handle: tokio::task::JoinHandle<()>,
@@ -190,6 +328,10 @@ pub struct Replication {
     tasks: Mutex<HashMap<String, Task>>,
     /// Bandwidth limits by partner name, shared by the partner's groups.
     limiters: Mutex<HashMap<String, Arc<Mutex<Limiter>>>>,
+    /// Where operators' swap calls go: the running session of each group.
+    swap_calls: Mutex<HashMap<String, mpsc::Sender<SwapCall>>>,
+    /// One incoming session per group at a time.
+    session_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Itself, so that tasks it starts can hold it.
     me: std::sync::Weak<Replication>,
 }
@@ -227,7 +369,10 @@ impl Replication {
             stats: Mutex::new(HashMap::new()),
             tasks: Mutex::new(HashMap::new()),
             limiters: Mutex::new(HashMap::new()),
+            swap_calls: Mutex::new(HashMap::new()),
+            session_locks: Mutex::new(HashMap::new()),
         });
+        repl.settle_store();
         tokio::spawn(accept_loop(repl.clone()));
         let protections: Vec<Protection> = repl.store.lock().protections.values().cloned().collect();
         for p in protections.iter().filter(|p| !p.paused) {
@@ -404,6 +549,219 @@ impl Replication {
         })
     }
 
+    /// The counters of `group`'s replication, if it is protected here or received from a partner.
+    pub fn stats(&self, group: &str) -> Option<Arc<ReplStats>> {
+        self.stats.lock().get(group).cloned()
+    }
+
+    /// Swap roles of `group` with its partner (planned, no data loss): run at either site while
+    /// both are connected. Returns when the partner is primary (or this site is, when run at the
+    /// secondary), with the generation and the last shared seq.
+    pub async fn swap(&self, group: &str) -> Result<SwapOutcome, ReplicationError> {
+        self.engine.group_handle(group)?;
+        let calls = self.swap_calls.lock().get(group).cloned();
+        let calls = calls.ok_or_else(|| ReplicationError::NotConnected(group.into()))?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        calls.send(tx).await.map_err(|_| ReplicationError::NotConnected(group.into()))?;
+        let deadline = session::SWAP_DRAIN_TIMEOUT + session::SWAP_ANSWER_TIMEOUT + Duration::from_secs(5);
+        let result = tokio::time::timeout(deadline, rx).await;
+        let failed = |reason: String| ReplicationError::SwapFailed { group: group.into(), reason };
+        let outcome = match result {
+            Ok(Ok(Ok(outcome))) => outcome,
+            Ok(Ok(Err(reason))) => return Err(failed(reason)),
+            Ok(Err(_)) => return Err(failed("the replication session ended during the swap".into())),
+            Err(_) => return Err(failed(format!("no answer within {deadline:?}"))),
+        };
+        self.event(
+            "role.swapped",
+            group,
+            format!(
+                "group {group}: swapped roles with the partner; generation {} from seq {}",
+                outcome.generation, outcome.last_seq
+            ),
+        );
+        Ok(outcome)
+    }
+
+    /// Take over `group` here, its primary being lost: become primary under a new generation
+    /// (at `at`, when given, by rolling back to it), and protect the group to the old primary's
+    /// site, so that when it returns it fails back as a secondary. Refused while the old primary
+    /// answers, unless `force`.
+    pub async fn takeover(
+        &self,
+        group: &str,
+        at: Option<tidemark_engine::Point>,
+        force: bool,
+    ) -> Result<TakeoverOutcome, ReplicationError> {
+        let started = Instant::now();
+        let handle = self.engine.group_handle(group)?;
+        if handle.role() != tidemark_engine::persist::Role::Secondary {
+            return Err(ReplicationError::Invalid(format!("group {group:?} is already primary here")));
+        }
+        let source = self.store.lock().sources.get(group).cloned();
+        let partner = source.as_ref().and_then(|name| self.store.lock().partners.get(name).cloned());
+        if !force {
+            let Some(partner) = &partner else {
+                return Err(ReplicationError::Invalid(format!(
+                    "this site does not know where the primary of group {group:?} is, so it cannot check that it is gone; use --force"
+                )));
+            };
+            if self.reachable(partner).await {
+                return Err(ReplicationError::PrimaryReachable {
+                    group: group.into(),
+                    partner: partner.name.clone(),
+                    address: partner.address.clone(),
+                });
+            }
+        }
+        let (engine, name) = (self.engine.clone(), group.to_string());
+        let reason = if force { "takeover (forced)" } else { "takeover: the primary is unreachable" };
+        let fork = tokio::task::spawn_blocking(move || engine.takeover(&name, at.as_ref(), reason))
+            .await
+            .map_err(|e| ReplicationError::Invalid(format!("takeover task failed: {e}")))??;
+        if let Some(partner) = &partner {
+            let mut store = self.store.lock();
+            let mut next = store.clone();
+            next.sources.remove(group);
+            next.protections.insert(
+                group.into(),
+                Protection { group: group.into(), partner: partner.name.clone(), paused: false },
+            );
+            save_store(&self.store_path, &next)?;
+            *store = next;
+        }
+        self.stats.lock().remove(group);
+        if partner.is_some() {
+            self.start_task(group);
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        self.event(
+            "role.takeover",
+            group,
+            format!(
+                "group {group}: took over as primary under generation {} at fork point seq {}",
+                fork.generation, fork.seq.0
+            ),
+        );
+        Ok(TakeoverOutcome {
+            generation: fork.generation,
+            fork_seq: fork.seq.0,
+            fork_time: fork.time.rfc3339(),
+            partner: partner.map(|p| p.name),
+            seconds,
+        })
+    }
+
+    /// Whether `partner`'s replication link answers within [`REACHABLE_TIMEOUT`].
+    async fn reachable(&self, partner: &Partner) -> bool {
+        let Ok(fingerprint) = parse_fingerprint(&partner.fingerprint) else { return false };
+        let Some(addr) = tokio::net::lookup_host(&partner.address).await.ok().and_then(|mut a| a.next())
+        else {
+            return false;
+        };
+        match tokio::time::timeout(REACHABLE_TIMEOUT, self.link.connect(addr, fingerprint)).await {
+            Ok(Ok(connection)) => {
+                connection.close("reachability check");
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Make the store agree with the groups' roles after a crash between a role change and the
+    /// store update: a primary protects to its source partner, a secondary protects nothing.
+    fn settle_store(&self) {
+        let mut store = self.store.lock();
+        let mut next = store.clone();
+        for info in self.engine.groups() {
+            let primary = info.role == "primary";
+            if primary {
+                if let Some(partner) = next.sources.remove(&info.name) {
+                    next.protections.entry(info.name.clone()).or_insert(Protection {
+                        group: info.name.clone(),
+                        partner,
+                        paused: false,
+                    });
+                }
+            } else if let Some(p) = next.protections.remove(&info.name) {
+                next.sources.insert(info.name.clone(), p.partner);
+            }
+        }
+        if next.protections != store.protections || next.sources != store.sources {
+            match save_store(&self.store_path, &next) {
+                Ok(()) => *store = next,
+                Err(e) => tracing::error!(error = %e, "could not settle the replication store"),
+            }
+        }
+    }
+
+    /// `group` is a secondary now, receiving from `partner`: stop protecting it.
+    fn became_secondary(&self, group: &str, partner: &str) {
+        {
+            let mut store = self.store.lock();
+            let mut next = store.clone();
+            next.protections.remove(group);
+            next.sources.insert(group.into(), partner.into());
+            match save_store(&self.store_path, &next) {
+                Ok(()) => *store = next,
+                Err(e) => tracing::error!(%group, error = %e, "could not record the role change"),
+            }
+        }
+        self.stop_task(group);
+        self.engine.pin(group, PIN_HOLDER, None);
+    }
+
+    /// `group` is primary now (a swap): protect it to `partner`, the old primary.
+    fn became_primary(&self, group: &str, partner: &str) {
+        {
+            let mut store = self.store.lock();
+            let mut next = store.clone();
+            next.sources.remove(group);
+            next.protections.insert(
+                group.into(),
+                Protection { group: group.into(), partner: partner.into(), paused: false },
+            );
+            match save_store(&self.store_path, &next) {
+                Ok(()) => *store = next,
+                Err(e) => tracing::error!(%group, error = %e, "could not record the role change"),
+            }
+        }
+        self.stats.lock().remove(group);
+        self.start_task(group);
+    }
+
+    fn partner_by_fingerprint(&self, fingerprint: &Fingerprint) -> Option<String> {
+        let text = fingerprint.to_string();
+        self.store.lock().partners.values().find(|p| p.fingerprint == text).map(|p| p.name.clone())
+    }
+
+    /// Role changes of `group` as `group show` and `history` report them.
+    pub fn roles(&self, group: &str) -> Option<RolesView> {
+        let handle = self.engine.group_handle(group).ok()?;
+        let state = handle.role_state();
+        Some(RolesView {
+            generation: state.generation,
+            source_partner: self.store.lock().sources.get(group).cloned(),
+            fork_point: state.fork_point.map(|f| ForkPointView {
+                generation: f.generation,
+                seq: f.seq.0,
+                time: f.time.rfc3339(),
+            }),
+            swap_pending: state.swap_pending.is_some(),
+            role_changes: state
+                .role_changes
+                .iter()
+                .map(|c| RoleChangeView {
+                    time: c.time.rfc3339(),
+                    from: role_name(c.from),
+                    to: role_name(c.to),
+                    generation: c.generation,
+                    reason: c.reason.clone(),
+                })
+                .collect(),
+        })
+    }
+
     /// Stop every task and close the link.
     pub async fn shutdown(&self) {
         let tasks: Vec<Task> = self.tasks.lock().drain().map(|(_, t)| t).collect();
@@ -476,8 +834,39 @@ async fn protect_loop(repl: Arc<Replication>, group: String, mut stop: watch::Re
         let started = Instant::now();
         let outcome = protect_once(&repl, &group, &stats, stop.clone()).await;
         match outcome {
-            Ok(()) => return,
+            Ok(SessionEnd::Stopped) | Ok(SessionEnd::Promoted { .. }) => return,
+            Ok(SessionEnd::SwappedOut { generation }) => {
+                let partner = repl.partner_of(&group).unwrap_or_default();
+                tracing::info!(%group, generation, %partner, "swapped out: this site is a secondary now");
+                repl.became_secondary(&group, &partner);
+                return;
+            }
+            Err(SessionError::Fenced(message)) => {
+                // A partner knows a newer generation: stop admitting writes at once.
+                let partner = repl.partner_of(&group).unwrap_or_default();
+                let generation = stats.fenced_by.load(Ordering::Acquire);
+                let handle = repl.engine.group_handle(&group);
+                let reason = format!("fenced: partner {partner} is primary under generation {generation}");
+                let demoted = match handle {
+                    Ok(h) => tokio::task::spawn_blocking(move || h.demote(generation, &reason)).await.ok(),
+                    Err(_) => None,
+                };
+                *stats.last_error.lock() = Some(message.clone());
+                match demoted {
+                    Some(Ok(())) => SessionHost::demoted(&*repl, &group, &partner, generation),
+                    _ => {
+                        tracing::error!(%group, "fenced but could not demote");
+                        repl.event(
+                            "replication.fenced",
+                            &group,
+                            format!("group {group}: {message}; demotion failed"),
+                        );
+                    }
+                }
+                return;
+            }
             Err(e) => {
+                stats.link_errors.add(LinkError::of(&e));
                 let terminal = matches!(e, SessionError::Diverged(_) | SessionError::Fenced(_));
                 let message = e.to_string();
                 let changed =
@@ -516,7 +905,7 @@ async fn protect_once(
     group: &str,
     stats: &Arc<ReplStats>,
     stop: watch::Receiver<bool>,
-) -> Result<(), SessionError> {
+) -> Result<SessionEnd, SessionError> {
     let partner = {
         let store = repl.store.lock();
         let name = store.protections.get(group).map(|p| p.partner.clone()).ok_or(SessionError::Closed)?;
@@ -551,6 +940,7 @@ async fn protect_once(
         config: repl.config.session,
         hold,
         limiter,
+        swaps: SessionHost::swap_calls(&**repl, group),
     };
     let result = run_primary(handle, pump(writer, reader), context, stop).await;
     if result.is_ok() {
@@ -564,15 +954,21 @@ async fn accept_loop(repl: Arc<Replication>) {
     while let Some(connection) = repl.link.accept().await {
         let repl = repl.clone();
         tokio::spawn(async move {
+            let fingerprint = connection.peer();
             while let Ok((writer, reader)) = connection.accept_stream().await {
                 let repl = repl.clone();
                 tokio::spawn(async move {
-                    let stats_repl = repl.clone();
+                    let Some(peer) = repl.partner_by_fingerprint(&fingerprint) else {
+                        tracing::warn!("a stream from a peer that is no longer a partner was dropped");
+                        return;
+                    };
+                    let host: Arc<dyn SessionHost> = repl.clone();
                     let result = run_secondary(
                         repl.engine.clone(),
                         repl.site_name.clone(),
+                        peer,
                         pump(writer, reader),
-                        move |g| stats_repl.stats_for(g),
+                        host,
                     )
                     .await;
                     match result {
@@ -591,7 +987,7 @@ async fn accept_loop(repl: Arc<Replication>) {
                             repl.events.record(event);
                         }
                         Err(e) => tracing::info!(error = %e, "incoming replication session ended"),
-                        Ok(()) => {}
+                        Ok(_) => {}
                     }
                 });
             }

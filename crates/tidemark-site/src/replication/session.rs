@@ -11,13 +11,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use tidemark_engine::group::{Group, Position};
+use tidemark_engine::group::{Group, Position, Promotion};
+use tidemark_engine::persist::Role;
 use tidemark_engine::{Engine, EngineError, GroupOptions};
+use tidemark_journal::stats::Histogram;
 use tidemark_journal::{Location, Seq};
+use tidemark_repl::roles::{may_take_swap, on_offer, settle_swap, LocalRole, OfferDecision, PendingSwap};
 use tidemark_repl::{
     BatchFrame, GroupPosition, Message, Pending, Receiver, Sender, SenderConfig, SenderState,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::metrics::{FrameRejection, LinkError, ReasonCounts};
 
 /// How long a peer may take to answer the handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -126,8 +131,23 @@ pub struct ReplStats {
     pub batches_sent_total: AtomicU64,
     /// Frames refused (corrupt, out of order, stale generation).
     pub frames_rejected_total: AtomicU64,
+    /// The newer generation a partner fenced this site with (0 when never fenced).
+    pub fenced_by: AtomicU64,
     /// Latency from sending a batch to its ack, newest, in microseconds.
     pub ack_latency_micros: AtomicU64,
+    /// Uncompressed bytes of each batch sent.
+    pub batch_bytes: Histogram,
+    /// Time to read, compress and hand each batch to the link, in nanoseconds (bandwidth-limit
+    /// waits excluded: they are `throttled_nanos_total`).
+    pub batch_send_duration: Histogram,
+    /// Time from sending a batch to the ack that covers it, in nanoseconds.
+    pub batch_ack_duration: Histogram,
+    /// Time batches waited for the partner's bandwidth limit, in nanoseconds.
+    pub throttled_nanos_total: AtomicU64,
+    /// Frames refused, by reason (their sum is `frames_rejected_total`).
+    pub frames_rejected: ReasonCounts<FrameRejection>,
+    /// Primary sessions that ended with an error, by reason.
+    pub link_errors: ReasonCounts<LinkError>,
 }
 
 impl ReplStats {
@@ -143,7 +163,20 @@ impl ReplStats {
             batches_sent_total: AtomicU64::new(0),
             frames_rejected_total: AtomicU64::new(0),
             ack_latency_micros: AtomicU64::new(0),
+            fenced_by: AtomicU64::new(0),
+            batch_bytes: Histogram::size(),
+            batch_send_duration: Histogram::latency(),
+            batch_ack_duration: Histogram::latency(),
+            throttled_nanos_total: AtomicU64::new(0),
+            frames_rejected: ReasonCounts::default(),
+            link_errors: ReasonCounts::default(),
         }
+    }
+
+    /// Count a refused frame.
+    pub fn reject(&self, reason: FrameRejection) {
+        self.frames_rejected_total.fetch_add(1, Ordering::Relaxed);
+        self.frames_rejected.add(reason);
     }
 
     fn set_state(&self, state: ReplState) {
@@ -197,13 +230,82 @@ async fn recv(ch: &mut Channel, timeout: Option<Duration>) -> Result<Message, Se
     Message::decode(&frame).map_err(|e| SessionError::Protocol(e.to_string()))
 }
 
-fn to_wire(p: &Position) -> GroupPosition {
+/// A group's position as the wire carries it.
+pub fn to_wire(p: &Position) -> GroupPosition {
     GroupPosition {
         group_id: p.group_id,
         generation: p.generation,
         last_seq: p.last_seq,
         chain: p.chain,
         durable_seq: p.durable_seq,
+        generations: p.generations.clone(),
+    }
+}
+
+/// An operator's swap, handed to the group's running session and answered when the swap has
+/// finished or failed.
+pub type SwapCall = oneshot::Sender<Result<SwapOutcome, String>>;
+
+/// A finished swap.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SwapOutcome {
+    /// The generation the new primary holds.
+    pub generation: u64,
+    /// The last seq of the history both sites share.
+    pub last_seq: u64,
+}
+
+/// How a session ended without an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// Stopped by this site (pause, unprotect, shut-down).
+    Stopped,
+    /// A swap made the partner primary under `generation`; this site is a secondary now.
+    SwappedOut {
+        /// The partner's generation.
+        generation: u64,
+    },
+    /// A swap made this site primary under `generation`.
+    Promoted {
+        /// This site's generation.
+        generation: u64,
+    },
+}
+
+/// What sessions need from the site around them.
+pub trait SessionHost: Send + Sync + 'static {
+    /// The counters of `group`.
+    fn stats_for(&self, group: &str) -> Arc<ReplStats>;
+    /// A new session of `group` starts: the channel operators' swap calls arrive on.
+    fn swap_calls(&self, group: &str) -> mpsc::Receiver<SwapCall>;
+    /// One incoming session per group at a time: a new one waits for the old to end.
+    fn session_lock(&self, group: &str) -> Arc<tokio::sync::Mutex<()>>;
+    /// This site receives `group` from the partner `peer` (its primary).
+    fn receiving(&self, group: &str, peer: &str);
+    /// `group` was promoted here by a swap: the partner `peer` is its secondary now.
+    fn promoted(&self, group: &str, peer: &str, generation: u64);
+    /// `group` was demoted here: the partner `peer` is primary under `generation`.
+    fn demoted(&self, group: &str, peer: &str, generation: u64);
+}
+
+/// How long a swap waits for the secondary to acknowledge everything before it is called off.
+pub const SWAP_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a swap waits for the secondary's answer once it has been asked to take over.
+pub const SWAP_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A swap the primary's session is running.
+struct Swap {
+    generation: u64,
+    target: Seq,
+    chain: tidemark_journal::ChainHash,
+    deadline: Instant,
+    prepared: bool,
+    reply: Option<SwapCall>,
+}
+
+fn answer(reply: Option<SwapCall>, result: Result<SwapOutcome, String>) {
+    if let Some(reply) = reply {
+        let _ = reply.send(result);
     }
 }
 
@@ -219,6 +321,8 @@ pub struct PrimaryContext<H> {
     pub hold: H,
     /// The partner's bandwidth limit, if it has one.
     pub limiter: Option<Arc<Mutex<Limiter>>>,
+    /// Operators' swap calls for this group.
+    pub swaps: mpsc::Receiver<SwapCall>,
 }
 
 /// Run the primary's side for `group` until the stream ends, the partner refuses, or `stop`.
@@ -234,8 +338,8 @@ pub async fn run_primary(
     mut ch: Channel,
     context: PrimaryContext<impl Fn(Seq) + Send>,
     mut stop: watch::Receiver<bool>,
-) -> Result<(), SessionError> {
-    let PrimaryContext { site, stats, config, hold, limiter } = context;
+) -> Result<SessionEnd, SessionError> {
+    let PrimaryContext { site, stats, config, hold, limiter, mut swaps } = context;
     stats.set_state(ReplState::Connecting);
     let epoch = Instant::now();
     let g = group.clone();
@@ -265,13 +369,30 @@ pub async fn run_primary(
             }
         }
     };
+    // A swap this site started and never heard the end of is settled by the partner's answer:
+    // it promoted itself (finish: demote) or it did not (call the swap off; writes resume).
+    if let Some(pending) = group.role_state().swap_pending {
+        let g = group.clone();
+        match settle_swap(pending.generation, peer.generation) {
+            PendingSwap::Finish { generation } => {
+                let reason = format!("swap finished: the partner is primary under generation {generation}");
+                blocking(move || g.demote(generation, &reason)).await?;
+                return Ok(SessionEnd::SwappedOut { generation });
+            }
+            PendingSwap::CallOff => {
+                blocking(move || g.abort_swap()).await?;
+                tracing::warn!(group = %group.name, "an unfinished swap was called off: the partner never took over");
+            }
+        }
+    }
     let g = group.clone();
     let seq = peer.last_seq;
     let ours = blocking(move || g.chain_at(seq)).await?;
     let mut sender = Sender::new(group.id, position.generation, peer.durable_seq, config.sender);
     let resume = sender.on_position(&peer, position.first_seq, position.last_seq, |_| ours);
     match (resume, sender.state().clone()) {
-        (Err(e), SenderState::Fenced { .. }) => {
+        (Err(e), SenderState::Fenced { theirs }) => {
+            stats.fenced_by.store(theirs, Ordering::Release);
             stats.set_state(ReplState::Fenced);
             return Err(SessionError::Fenced(e.to_string()));
         }
@@ -293,6 +414,7 @@ pub async fn run_primary(
     let mut cursor: Option<Location> = None;
     let mut flights: VecDeque<(Seq, Location)> = VecDeque::new();
     let mut last_flush = Instant::now();
+    let mut swap: Option<Swap> = None;
     loop {
         // Make records durable when hosts do not: only durable records are shipped.
         let (last, durable) = {
@@ -309,6 +431,7 @@ pub async fn run_primary(
         while let Some(plan) = sender
             .plan(now, Pending { last_seq: durable, unsent_bytes: 0, oldest_unsent_at: Some(Duration::ZERO) })
         {
+            let building = Instant::now();
             let from = match cursor {
                 Some(c) => c,
                 None => {
@@ -330,13 +453,19 @@ pub async fn run_primary(
             let Some((frame, next, raw_bytes)) = built else { break };
             let (first, last) = (frame.first_seq, frame.last_seq);
             let compressed = frame.payload.len() as u64;
+            let mut throttled = Duration::ZERO;
             if let Some(limiter) = &limiter {
                 let wait = limiter.lock().wait_for(compressed);
                 if !wait.is_zero() {
+                    let waiting = Instant::now();
                     tokio::time::sleep(wait).await;
+                    throttled = waiting.elapsed();
+                    stats.throttled_nanos_total.fetch_add(throttled.as_nanos() as u64, Ordering::Relaxed);
                 }
             }
             send(&ch, &Message::Batch(frame)).await?;
+            stats.batch_send_duration.observe_duration(building.elapsed().saturating_sub(throttled));
+            stats.batch_bytes.observe(raw_bytes);
             sender.on_sent(first, last, raw_bytes, epoch.elapsed());
             flights.push_back((last, next));
             cursor = Some(next);
@@ -344,16 +473,53 @@ pub async fn run_primary(
             stats.bytes_sent_compressed_total.fetch_add(compressed, Ordering::Relaxed);
             stats.batches_sent_total.fetch_add(1, Ordering::Relaxed);
         }
+        if let Some(end) = drive_swap(&group, &ch, &mut swap, sender.acked()).await? {
+            return Ok(end);
+        }
         tokio::select! {
+            Some(call) = swaps.recv(), if swap.is_none() => {
+                swap = start_swap(&group, Some(call)).await;
+            }
             frame = ch.rx.recv() => {
                 let frame = frame.ok_or(SessionError::Closed)?;
                 match Message::decode(&frame).map_err(|e| SessionError::Protocol(e.to_string()))? {
+                    Message::SwapRequest { .. } if swap.is_none() => {
+                        swap = start_swap(&group, None).await;
+                    }
+                    Message::SwapRequest { .. } => {}
+                    Message::SwapPromoted { generation, .. } => {
+                        let Some(s) = swap.take().filter(|s| s.prepared && s.generation == generation) else {
+                            return Err(SessionError::Protocol(format!(
+                                "the partner says it is primary under generation {generation}, but no such swap was asked"
+                            )));
+                        };
+                        let g = group.clone();
+                        let reason = format!("swap: the partner is primary under generation {generation}");
+                        blocking(move || g.demote(generation, &reason)).await?;
+                        answer(s.reply, Ok(SwapOutcome { generation, last_seq: s.target.0 }));
+                        return Ok(SessionEnd::SwappedOut { generation });
+                    }
+                    Message::Refuse { reason, .. } if swap.is_some() => {
+                        if let Some(s) = swap.take() {
+                            let g = group.clone();
+                            blocking(move || g.abort_swap()).await?;
+                            answer(s.reply, Err(format!("the partner refused the swap: {reason}")));
+                        }
+                        return Err(SessionError::Refused(reason));
+                    }
                     Message::Ack { generation, durable_seq, .. } => {
-                        let latency = sender
-                            .on_ack(generation, durable_seq, epoch.elapsed())
-                            .map_err(|e| SessionError::Protocol(e.to_string()))?;
+                        let latency = match sender.on_ack(generation, durable_seq, epoch.elapsed()) {
+                            Ok(latency) => latency,
+                            Err(e @ tidemark_repl::SenderError::Fenced { theirs, .. }) => {
+                                stats.fenced_by.store(theirs, Ordering::Release);
+                                stats.set_state(ReplState::Fenced);
+                                return Err(SessionError::Fenced(e.to_string()));
+                            }
+                            Err(e) => return Err(SessionError::Protocol(e.to_string())),
+                        };
                         if let Some(l) = latency {
                             stats.ack_latency_micros.store(l.as_micros() as u64, Ordering::Relaxed);
+                            stats.batch_ack_duration.observe_duration(l);
                         }
                         while flights.front().is_some_and(|(last, _)| *last <= durable_seq) {
                             if let Some((_, loc)) = flights.pop_front() {
@@ -368,14 +534,95 @@ pub async fn run_primary(
                 }
             }
             () = tokio::time::sleep(POLL_INTERVAL) => {}
-            _ = stop.changed() => return Ok(()),
+            _ = stop.changed() => {
+                if let Some(s) = swap.take() {
+                    // Stopping mid-swap: call it off unless the partner may already have it.
+                    if !s.prepared {
+                        let g = group.clone();
+                        blocking(move || g.abort_swap()).await?;
+                    }
+                    answer(s.reply, Err("replication of the group was stopped during the swap".into()));
+                }
+                return Ok(SessionEnd::Stopped);
+            }
         }
     }
 }
 
+/// Start a swap: stop host writes (durably) and note how far the partner must catch up.
+async fn start_swap(group: &Arc<Group>, reply: Option<SwapCall>) -> Option<Swap> {
+    let g = group.clone();
+    let generation = group.generation() + 1;
+    match blocking(move || g.begin_swap(generation)).await {
+        Ok(position) => {
+            tracing::info!(group = %group.name, generation, seq = position.last_seq.0, "swap: writes stopped, draining");
+            Some(Swap {
+                generation,
+                target: position.last_seq,
+                chain: position.chain,
+                deadline: Instant::now() + SWAP_DRAIN_TIMEOUT,
+                prepared: false,
+                reply,
+            })
+        }
+        Err(e) => {
+            answer(reply, Err(e.to_string()));
+            None
+        }
+    }
+}
+
+/// Move a running swap on: once the partner holds everything, ask it to take over; past a
+/// deadline, call the swap off (before asking) or give up on this session (after asking: only
+/// the partner knows whether it took over, and the next handshake will tell).
+async fn drive_swap(
+    group: &Arc<Group>,
+    ch: &Channel,
+    swap: &mut Option<Swap>,
+    acked: Seq,
+) -> Result<Option<SessionEnd>, SessionError> {
+    let Some(s) = swap.as_mut() else { return Ok(None) };
+    if !s.prepared && acked >= s.target {
+        let prepare = Message::SwapPrepare {
+            group_id: group.id,
+            generation: s.generation,
+            last_seq: s.target,
+            chain: s.chain,
+        };
+        send(ch, &prepare).await?;
+        s.prepared = true;
+        s.deadline = Instant::now() + SWAP_ANSWER_TIMEOUT;
+        return Ok(None);
+    }
+    if Instant::now() < s.deadline {
+        return Ok(None);
+    }
+    let Some(s) = swap.take() else { return Ok(None) };
+    if s.prepared {
+        answer(
+            s.reply,
+            Err("the partner did not answer the swap; host writes stay stopped until the sites reconnect and settle which one is primary".into()),
+        );
+        return Err(SessionError::Timeout(SWAP_ANSWER_TIMEOUT));
+    }
+    let g = group.clone();
+    blocking(move || g.abort_swap()).await?;
+    answer(
+        s.reply,
+        Err(format!("the partner did not catch up within {SWAP_DRAIN_TIMEOUT:?}; the swap was called off and writes resumed")),
+    );
+    Ok(None)
+}
+
 /// Run the secondary's side of one stream: accept the partner's offer (creating the secondary
-/// group on first contact), then append, sync and acknowledge batches. `stats_for` gives the
-/// counters of a group by name.
+/// group on first contact), settle roles, then append, sync and acknowledge batches.
+///
+/// Roles are settled at the handshake by generation. An offer from an older generation than
+/// this site knows comes from a deposed primary: it is answered with this site's position, which
+/// fences it. An offer from a newer generation fences this site if it is primary here (it demotes
+/// at once); then, if this site's history runs past the fork point of the partner's lineage (the
+/// writes of a returning primary that never reached its partner), that tail is kept as a
+/// salvage image and cut (failback), so only what the partner wrote since the fork is sent.
 ///
 /// # Cancel safety
 /// Dropping the future between batches loses nothing: applied records are in the journal and
@@ -383,9 +630,10 @@ pub async fn run_primary(
 pub async fn run_secondary(
     engine: Arc<Engine>,
     site: String,
+    peer: String,
     mut ch: Channel,
-    stats_for: impl Fn(&str) -> Arc<ReplStats>,
-) -> Result<(), SessionError> {
+    host: Arc<dyn SessionHost>,
+) -> Result<SessionEnd, SessionError> {
     send(&ch, &Message::Hello { protocol: tidemark_repl::PROTOCOL_VERSION, site }).await?;
     let (offer, name, options) = loop {
         match recv(&mut ch, Some(HANDSHAKE_TIMEOUT)).await? {
@@ -399,10 +647,14 @@ pub async fn run_secondary(
             other => return Err(SessionError::Protocol(format!("expected an offer, got {other:?}"))),
         }
     };
-    let (e, n) = (engine.clone(), name.clone());
+    let lock = host.session_lock(&name);
+    let _session = tokio::time::timeout(HANDSHAKE_TIMEOUT, lock.lock_owned())
+        .await
+        .map_err(|_| SessionError::Timeout(HANDSHAKE_TIMEOUT))?;
+    let (e, n, generation) = (engine.clone(), name.clone(), offer.generation);
     let group = blocking(move || match e.group_handle(&n) {
         Err(EngineError::NotFound { .. }) => {
-            e.create_secondary_group(&n, offer.group_id, options, offer.generation)?;
+            e.create_secondary_group(&n, offer.group_id, options, generation)?;
             e.group_handle(&n)
         }
         other => other,
@@ -414,30 +666,95 @@ pub async fn run_secondary(
             let _ = send(&ch, &Message::Refuse { group_id: offer.group_id, reason: reason.clone() }).await;
             return Err(SessionError::Refused(reason));
         }
-        Ok(g) if g.role() != tidemark_engine::persist::Role::Secondary => {
-            let reason = format!("group {name:?} is primary here; it will not take the partner's history");
-            let _ = send(&ch, &Message::Refuse { group_id: offer.group_id, reason: reason.clone() }).await;
-            return Err(SessionError::Refused(reason));
-        }
         Ok(g) => g,
         Err(e) => {
             let _ = send(&ch, &Message::Refuse { group_id: offer.group_id, reason: e.to_string() }).await;
             return Err(e.into());
         }
     };
-    let stats = stats_for(&name);
+    let stats = host.stats_for(&name);
+    let roles = group.role_state();
+    let g = group.clone();
+    let ours = to_wire(&blocking(move || g.position()).await);
+    let local = LocalRole { primary: roles.role == Role::Primary, generation: roles.generation };
+    let (demote, rewind_to) = match on_offer(&local, &ours, &offer) {
+        OfferDecision::StandDown => {
+            // A deposed primary: our position tells it of the newer generation; it stands down.
+            send(&ch, &Message::Position(ours)).await?;
+            return Err(SessionError::Refused(format!(
+                "partner {peer} offered generation {} of group {name:?}, older than generation {} here; it was told to stand down",
+                offer.generation, roles.generation
+            )));
+        }
+        OfferDecision::Conflict => {
+            let reason = format!(
+                "both sites claim the primary role of group {name:?} under generation {}",
+                roles.generation
+            );
+            let _ = send(&ch, &Message::Refuse { group_id: group.id, reason: reason.clone() }).await;
+            return Err(SessionError::Diverged(reason));
+        }
+        OfferDecision::Follow { demote, rewind_to } => (demote, rewind_to),
+    };
+    if demote {
+        let g = group.clone();
+        let generation = offer.generation;
+        let reason = format!("fenced: partner {peer} is primary under generation {generation}");
+        blocking(move || g.demote(generation, &reason)).await?;
+        host.demoted(&name, &peer, generation);
+    }
+    if let Err(e) = follow(&engine, &group, &offer, rewind_to).await {
+        stats.set_state(ReplState::Diverged);
+        let _ = send(&ch, &Message::Refuse { group_id: group.id, reason: e.to_string() }).await;
+        return Err(SessionError::Diverged(e.to_string()));
+    }
     stats.set_state(ReplState::Receiving);
+    host.receiving(&name, &peer);
     let g = group.clone();
     let position = blocking(move || g.position()).await;
     let mut receiver = Receiver::new(&to_wire(&position));
     send(&ch, &Message::Position(receiver.position())).await?;
+    let mut swaps = host.swap_calls(&name);
+    let mut asked: Option<SwapCall> = None;
     loop {
-        let frame = ch.rx.recv().await.ok_or(SessionError::Closed)?;
+        let frame = tokio::select! {
+            frame = ch.rx.recv() => frame.ok_or(SessionError::Closed)?,
+            Some(call) = swaps.recv(), if asked.is_none() => {
+                send(&ch, &Message::SwapRequest { group_id: group.id }).await?;
+                asked = Some(call);
+                continue;
+            }
+        };
         let batch = match Message::decode(&frame) {
             Ok(Message::Batch(b)) => b,
+            Ok(Message::SwapPrepare { generation, last_seq, chain, .. }) => {
+                let position = group.position();
+                if !may_take_swap(&to_wire(&position), last_seq, &chain) {
+                    let reason = format!(
+                        "swap: this site holds seq {} (durable {}), not the primary's seq {}",
+                        position.last_seq.0, position.durable_seq.0, last_seq.0
+                    );
+                    answer(asked.take(), Err(reason.clone()));
+                    send(&ch, &Message::Refuse { group_id: group.id, reason: reason.clone() }).await?;
+                    return Err(SessionError::Refused(reason));
+                }
+                let g = group.clone();
+                let reason = format!("swap: planned, from partner {peer}");
+                blocking(move || g.promote(generation, Promotion::Swap, &reason)).await?;
+                // Tell the old primary, and start protecting to it, whether or not the message
+                // arrives: the old primary settles an unanswered swap at the next handshake.
+                let _ = send(&ch, &Message::SwapPromoted { group_id: group.id, generation }).await;
+                host.promoted(&name, &peer, generation);
+                answer(asked.take(), Ok(SwapOutcome { generation, last_seq: last_seq.0 }));
+                return Ok(SessionEnd::Promoted { generation });
+            }
+            Ok(Message::Refuse { reason, .. }) => {
+                answer(asked.take(), Err(format!("the primary refused: {reason}")));
+                return Err(SessionError::Refused(reason));
+            }
             Ok(other) => return Err(SessionError::Protocol(format!("unexpected {other:?} while receiving"))),
             Err(e) => {
-                stats.frames_rejected_total.fetch_add(1, Ordering::Relaxed);
+                stats.reject(FrameRejection::of_wire(&e));
                 return Err(SessionError::Protocol(e.to_string()));
             }
         };
@@ -445,7 +762,7 @@ pub async fn run_secondary(
             Ok(Some(records)) => records,
             Ok(None) => continue,
             Err(e) => {
-                stats.frames_rejected_total.fetch_add(1, Ordering::Relaxed);
+                stats.reject(FrameRejection::of_receiver(&e));
                 let _ = send(&ch, &Message::Refuse { group_id: group.id, reason: e.to_string() }).await;
                 return Err(SessionError::Protocol(e.to_string()));
             }
@@ -460,6 +777,7 @@ pub async fn run_secondary(
         let last = match applied {
             Ok(last) => last,
             Err(e @ EngineError::Diverged { .. }) => {
+                stats.reject(FrameRejection::Diverged);
                 stats.set_state(ReplState::Diverged);
                 let _ = send(&ch, &Message::Refuse { group_id: group.id, reason: e.to_string() }).await;
                 return Err(SessionError::Diverged(e.to_string()));
@@ -469,4 +787,30 @@ pub async fn run_secondary(
         stats.acked_seq.store(last.0, Ordering::Release);
         send(&ch, &receiver.on_durable(last)).await?;
     }
+}
+
+/// Follow the partner's history: keep a superseded tail as a salvage image and cut it
+/// (failback, when `rewind_to` is set), then take the partner's lineage as ours if our history
+/// is a prefix of it (if it is not, the sender finds the divergence at the handshake).
+async fn follow(
+    engine: &Arc<Engine>,
+    group: &Arc<Group>,
+    offer: &GroupPosition,
+    rewind_to: Option<Seq>,
+) -> Result<(), EngineError> {
+    let ours = group.position();
+    let fork =
+        tidemark_repl::fork_point(&ours.generations, ours.last_seq, &offer.generations, offer.last_seq);
+    if let Some(fork) = rewind_to {
+        let (e, name, generation) = (engine.clone(), group.name.clone(), offer.generation);
+        let salvage = blocking(move || e.failback(&name, fork, generation)).await?;
+        if let Some(image) = salvage {
+            tracing::warn!(group = %group.name, image = %image.name, fork = fork.0, "failback kept a divergent tail");
+        }
+    }
+    if group.position().last_seq <= fork {
+        let (g, generation, lineage) = (group.clone(), offer.generation, offer.generations.clone());
+        blocking(move || g.adopt_lineage(generation, &lineage)).await?;
+    }
+    Ok(())
 }

@@ -1,0 +1,279 @@
+//! Role changes between two real sites on this machine: how long a planned swap takes with a
+//! steady host workload running on the primary, and how long a takeover takes from the command
+//! to a writable export after the primary is killed. Each trial starts a fresh pair.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::children::Guarded;
+use crate::targets::Site;
+
+/// The swap target, in seconds (issue: at most 5 s with a steady workload).
+pub const SWAP_TARGET_SECONDS: f64 = 5.0;
+/// The takeover target, in seconds (issue: at most 2 s from the command to a writable export).
+pub const TAKEOVER_TARGET_SECONDS: f64 = 2.0;
+/// The steady workload: 4 KiB random writes at this rate, with this many in flight.
+const WORKLOAD_RATE: &str = "20m";
+const WORKLOAD_IODEPTH: u32 = 4;
+/// The most a workload runs (each is killed long before).
+const WORKLOAD_RUNTIME: Duration = Duration::from_secs(60);
+/// How long the workload runs before the role change.
+const WORKLOAD_WARMUP: Duration = Duration::from_secs(5);
+/// How long replication may take to catch up before a trial gives up.
+const CATCH_UP: Duration = Duration::from_secs(120);
+
+/// One trial's timings, in seconds.
+#[derive(Clone, Copy, Debug)]
+pub struct Trial {
+    /// Records the workload wrote during the warm-up before the swap (evidence that it ran).
+    pub workload_records: u64,
+    /// `tidemark group swap` from start to its answer.
+    pub swap_seconds: f64,
+    /// From the swap command to the first write the new primary's export accepted.
+    pub swap_to_write_seconds: f64,
+    /// `tidemark group takeover` from start to its answer.
+    pub takeover_seconds: f64,
+    /// From the takeover command to the first write the new primary's export accepted.
+    pub takeover_to_write_seconds: f64,
+}
+
+/// Everything the roles benchmark measured.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// The workload's fio command, for the report.
+    pub workload: String,
+    /// Trials per link: `loopback`, or a simnet profile name.
+    pub links: Vec<(String, Vec<Trial>)>,
+}
+
+/// Run `trials` trials per link with fresh pairs of sites under `scratch`: on loopback, and
+/// through simnet (`simnet` binary) with each of `profiles`.
+pub fn run(trials: usize, binary: &Path, simnet: &Path, profiles: &[&str], scratch: &Path) -> Result<Report> {
+    let mut links = Vec::new();
+    let mut workload = String::new();
+    let mut names: Vec<Option<&str>> = vec![None];
+    names.extend(profiles.iter().map(|p| Some(*p)));
+    for profile in names {
+        let label = profile.unwrap_or("loopback").to_string();
+        let mut out = Vec::new();
+        for n in 0..trials {
+            let dir = scratch.join(format!("roles-{label}-{n}"));
+            std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+            let link = profile.map(|p| (simnet, p));
+            let (trial, command) =
+                trial(binary, link, &dir).with_context(|| format!("roles trial {n} ({label})"))?;
+            eprintln!(
+                "roles {label} trial {n}: {} records in warm-up; swap {:.2}s (write after {:.2}s), takeover {:.2}s (write after {:.2}s)",
+                trial.workload_records,
+                trial.swap_seconds,
+                trial.swap_to_write_seconds,
+                trial.takeover_seconds,
+                trial.takeover_to_write_seconds
+            );
+            workload = command;
+            out.push(trial);
+            std::fs::remove_dir_all(&dir).ok();
+        }
+        links.push((label, out));
+    }
+    Ok(Report { workload, links })
+}
+
+/// A simnet relay forwarding to `forward`; returns it and its listen address.
+fn relay(
+    simnet: &Path,
+    profile: &str,
+    forward: std::net::SocketAddr,
+    dir: &Path,
+) -> Result<(Guarded, std::net::SocketAddr)> {
+    let listen = crate::targets::free_loopback_udp_port()?;
+    let log = std::fs::File::create(dir.join(format!("simnet-{}.log", forward.port())))
+        .context("create simnet log")?;
+    let mut command = Command::new(simnet);
+    command
+        .args(["--listen", &listen.to_string(), "--forward", &forward.to_string(), "--profile", profile])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    Ok((Guarded::spawn(&mut command, "simnet relay")?, listen))
+}
+
+fn trial(binary: &Path, link: Option<(&Path, &str)>, dir: &Path) -> Result<(Trial, String)> {
+    let mut a = Site::new(binary, &dir.join("a"))?;
+    let mut b = Site::new(binary, &dir.join("b"))?;
+    a.start()?;
+    b.start()?;
+    // Each site reaches the other through its own relay (QUIC connections are dialled both ways
+    // once roles change).
+    let mut relays = Vec::new();
+    let (to_b, to_a) = match link {
+        Some((simnet, profile)) => {
+            let (r1, to_b) = relay(simnet, profile, b.repl_addr(), dir)?;
+            let (r2, to_a) = relay(simnet, profile, a.repl_addr(), dir)?;
+            relays.push(r1);
+            relays.push(r2);
+            (to_b, to_a)
+        }
+        None => (b.repl_addr(), a.repl_addr()),
+    };
+    let fingerprint = |s: &Site| -> Result<String> {
+        let v: Value = serde_json::from_str(&s.cli(&["site", "show", "--json"])?)?;
+        v["fingerprint"].as_str().map(str::to_string).context("site show has no fingerprint")
+    };
+    let (fa, fb) = (fingerprint(&a)?, fingerprint(&b)?);
+    a.cli(&["partner", "add", "b", "--address", &to_b.to_string(), "--fingerprint", &fb])?;
+    b.cli(&["partner", "add", "a", "--address", &to_a.to_string(), "--fingerprint", &fa])?;
+    a.create_volume("g", "4GiB", "v", "1GiB")?;
+    a.cli(&["group", "protect", "g", "--partner", "b"])?;
+    wait_streaming(&a)?;
+
+    // Swap with the workload running on the primary.
+    let (mut fio, command) = workload(&a)?;
+    let before = last_seq(&a)?;
+    std::thread::sleep(WORKLOAD_WARMUP);
+    let workload_records = last_seq(&a)? - before;
+    if workload_records < 100 {
+        bail!("the workload wrote only {workload_records} records in {WORKLOAD_WARMUP:?}");
+    }
+    let start = Instant::now();
+    a.cli(&["group", "swap", "g", "--json"])?;
+    let swap_seconds = start.elapsed().as_secs_f64();
+    wait_writable(&b)?;
+    let swap_to_write_seconds = start.elapsed().as_secs_f64();
+    let _ = fio.kill();
+
+    // Takeover: the workload runs on the new primary, which is then killed.
+    wait_streaming(&b)?;
+    let (mut fio, _) = workload(&b)?;
+    std::thread::sleep(WORKLOAD_WARMUP);
+    b.kill9()?;
+    let _ = fio.kill();
+    let start = Instant::now();
+    a.cli(&["group", "takeover", "g", "--yes", "--json"])?;
+    let takeover_seconds = start.elapsed().as_secs_f64();
+    wait_writable(&a)?;
+    let takeover_to_write_seconds = start.elapsed().as_secs_f64();
+    a.stop()?;
+    drop(relays);
+    Ok((
+        Trial {
+            workload_records,
+            swap_seconds,
+            swap_to_write_seconds,
+            takeover_seconds,
+            takeover_to_write_seconds,
+        },
+        command,
+    ))
+}
+
+/// Start the steady workload against `site`'s volume; returns it and its command line.
+fn workload(site: &Site) -> Result<(Guarded, String)> {
+    let args = [
+        "--name=steady".to_string(),
+        "--ioengine=nbd".to_string(),
+        format!("--uri={}", site.uri("v")),
+        "--rw=randwrite".to_string(),
+        "--bs=4k".to_string(),
+        format!("--iodepth={WORKLOAD_IODEPTH}"),
+        format!("--rate={WORKLOAD_RATE}"),
+        "--size=512m".to_string(),
+        // Jobs as threads: fio's forked job processes make themselves group leaders and
+        // survive a kill of the process fio was started as.
+        "--thread".to_string(),
+        "--time_based".to_string(),
+        // Bounded, so that no workload can outlive the benchmark by long even if killing it fails.
+        format!("--runtime={}s", WORKLOAD_RUNTIME.as_secs()),
+    ];
+    // fio reports every refused write once the role changes; none of that is needed.
+    let mut command = Command::new("fio");
+    command.args(&args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    let fio = Guarded::spawn(&mut command, "fio steady workload")?;
+    Ok((fio, format!("fio {}", args.join(" "))))
+}
+
+fn last_seq(site: &Site) -> Result<u64> {
+    site.group("g")?["last_seq"].as_u64().context("group show has no last_seq")
+}
+
+fn wait_streaming(site: &Site) -> Result<()> {
+    let deadline = Instant::now() + CATCH_UP;
+    loop {
+        let g = site.group("g")?;
+        if g["replication"]["state"] == "streaming" && g["replication"]["lag_records"] == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("replication did not catch up within {CATCH_UP:?}: {}", g["replication"]);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Poll until a 4 KiB write to `site`'s volume succeeds.
+fn wait_writable(site: &Site) -> Result<()> {
+    let deadline = Instant::now() + CATCH_UP;
+    loop {
+        let out = Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write -P 0x5a 0 4k", &site.uri("v")])
+            .output()
+            .context("run qemu-io")?;
+        if out.status.success() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the new primary's export did not accept a write: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The median of `values`.
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// The Markdown section (between the roles markers of docs/benchmarks.md).
+pub fn markdown(report: &Report, context: &str) -> String {
+    let verdict = |v: f64, target: f64| if v <= target { "met" } else { "NOT MET" };
+    let mut out = String::new();
+    out.push_str("## Role changes\n\n");
+    out.push_str(context);
+    out.push_str(&format!(
+        "\n\nTwo sites, a fresh pair per trial; medians of each link's trials. On loopback the sites talk \
+         directly; otherwise through two `simnet` relays (one per dialling direction) with the named profile. \
+         The workload runs on the primary during the swap and until the primary is killed: `{}`.\n\n",
+        report.workload
+    ));
+    out.push_str("| Link | Trials | Swap: command to answer | Swap: to first write on the new primary | Takeover: command to writable export | Takeover: command to answer |\n");
+    out.push_str("|---|---|---|---|---|---|\n");
+    for (label, trials) in &report.links {
+        let col = |f: fn(&Trial) -> f64| median(trials.iter().map(f).collect());
+        let swap = col(|t| t.swap_seconds);
+        let takeover_write = col(|t| t.takeover_to_write_seconds);
+        out.push_str(&format!(
+            "| {label} | {} | {swap:.2} s ({}: at most {SWAP_TARGET_SECONDS} s) | {:.2} s | {takeover_write:.2} s ({}: at most {TAKEOVER_TARGET_SECONDS} s) | {:.2} s |\n",
+            trials.len(),
+            verdict(swap, SWAP_TARGET_SECONDS),
+            col(|t| t.swap_to_write_seconds),
+            verdict(takeover_write, TAKEOVER_TARGET_SECONDS),
+            col(|t| t.takeover_seconds),
+        ));
+    }
+    out.push_str(
+        "\nThe takeover's time is mostly its reachability check: it tries to reach the primary for one second \
+         (`REACHABLE_TIMEOUT`) before it concludes the primary is gone; `--force` skips the check. The swap \
+         stops writes, waits for the partner to acknowledge the last record and trades roles in one round trip \
+         each way, so it grows with the link's RTT and with the unacknowledged backlog; over `wan` (50 ms RTT) \
+         that is a few round trips.\n",
+    );
+    out
+}
