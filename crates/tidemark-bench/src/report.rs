@@ -94,6 +94,10 @@ pub fn markdown(results: &Results, previous: Option<&str>) -> String {
 pub const ROLES_BEGIN: &str = "<!-- roles:begin (written by `tidemark-bench roles`) -->";
 /// End marker of the role-change section.
 pub const ROLES_END: &str = "<!-- roles:end -->";
+/// Markers of the WAN section (`tidemark-bench wan`).
+pub const WAN_BEGIN: &str = "<!-- wan:begin (written by `tidemark-bench wan`) -->";
+/// End marker of the WAN section.
+pub const WAN_END: &str = "<!-- wan:end -->";
 
 /// `previous` with the text between `begin` and `end` replaced by `section` (appended, with the
 /// markers, when they are absent).

@@ -7,9 +7,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use serde_json::Value;
 
 use crate::children::Guarded;
+use crate::pair::{last_seq, wait_streaming, Pair};
 use crate::targets::Site;
 
 /// The swap target, in seconds (issue: at most 5 s with a steady workload).
@@ -83,50 +83,8 @@ pub fn run(trials: usize, binary: &Path, simnet: &Path, profiles: &[&str], scrat
     Ok(Report { workload, links })
 }
 
-/// A simnet relay forwarding to `forward`; returns it and its listen address.
-fn relay(
-    simnet: &Path,
-    profile: &str,
-    forward: std::net::SocketAddr,
-    dir: &Path,
-) -> Result<(Guarded, std::net::SocketAddr)> {
-    let listen = crate::targets::free_loopback_udp_port()?;
-    let log = std::fs::File::create(dir.join(format!("simnet-{}.log", forward.port())))
-        .context("create simnet log")?;
-    let mut command = Command::new(simnet);
-    command
-        .args(["--listen", &listen.to_string(), "--forward", &forward.to_string(), "--profile", profile])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    Ok((Guarded::spawn(&mut command, "simnet relay")?, listen))
-}
-
 fn trial(binary: &Path, link: Option<(&Path, &str)>, dir: &Path) -> Result<(Trial, String)> {
-    let mut a = Site::new(binary, &dir.join("a"))?;
-    let mut b = Site::new(binary, &dir.join("b"))?;
-    a.start()?;
-    b.start()?;
-    // Each site reaches the other through its own relay (QUIC connections are dialled both ways
-    // once roles change).
-    let mut relays = Vec::new();
-    let (to_b, to_a) = match link {
-        Some((simnet, profile)) => {
-            let (r1, to_b) = relay(simnet, profile, b.repl_addr(), dir)?;
-            let (r2, to_a) = relay(simnet, profile, a.repl_addr(), dir)?;
-            relays.push(r1);
-            relays.push(r2);
-            (to_b, to_a)
-        }
-        None => (b.repl_addr(), a.repl_addr()),
-    };
-    let fingerprint = |s: &Site| -> Result<String> {
-        let v: Value = serde_json::from_str(&s.cli(&["site", "show", "--json"])?)?;
-        v["fingerprint"].as_str().map(str::to_string).context("site show has no fingerprint")
-    };
-    let (fa, fb) = (fingerprint(&a)?, fingerprint(&b)?);
-    a.cli(&["partner", "add", "b", "--address", &to_b.to_string(), "--fingerprint", &fb])?;
-    b.cli(&["partner", "add", "a", "--address", &to_a.to_string(), "--fingerprint", &fa])?;
+    let Pair { mut a, mut b, relays } = Pair::start(binary, link, dir)?;
     a.create_volume("g", "4GiB", "v", "1GiB")?;
     a.cli(&["group", "protect", "g", "--partner", "b"])?;
     wait_streaming(&a)?;
@@ -194,24 +152,6 @@ fn workload(site: &Site) -> Result<(Guarded, String)> {
     command.args(&args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
     let fio = Guarded::spawn(&mut command, "fio steady workload")?;
     Ok((fio, format!("fio {}", args.join(" "))))
-}
-
-fn last_seq(site: &Site) -> Result<u64> {
-    site.group("g")?["last_seq"].as_u64().context("group show has no last_seq")
-}
-
-fn wait_streaming(site: &Site) -> Result<()> {
-    let deadline = Instant::now() + CATCH_UP;
-    loop {
-        let g = site.group("g")?;
-        if g["replication"]["state"] == "streaming" && g["replication"]["lag_records"] == 0 {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("replication did not catch up within {CATCH_UP:?}: {}", g["replication"]);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Poll until a 4 KiB write to `site`'s volume succeeds.

@@ -17,7 +17,7 @@
 //!   [`CONFIRMATION`] on a unidirectional stream, so that `connect` returns only when the server
 //!   accepted us (in TLS 1.3 the client finishes before the server has checked it).
 //!   Flow-control windows and UDP socket buffers are sized from the link's bandwidth-delay
-//!   product ([`LinkProfile`]); congestion control is Cubic.
+//!   product ([`LinkProfile`]); congestion control is BBR by default, or Cubic ([`CongestionControl`]).
 //! - **Frames** ([`FrameWriter`], [`FrameReader`]): a u32 big-endian length, then that many
 //!   bytes, at most [`FRAME_BYTES_MAX`].
 
@@ -42,7 +42,8 @@ pub use link::{
     CONFIRMATION_TIMEOUT, HANDSHAKES_INFLIGHT_MAX, IDLE_TIMEOUT, KEEP_ALIVE_INTERVAL, SERVER_NAME,
 };
 pub use profile::{
-    LinkProfile, Windows, CONNECTION_WINDOW_BYTES_MAX, CONNECTION_WINDOW_STREAMS, SOCKET_BUFFER_BYTES_MAX,
-    SOCKET_BUFFER_BYTES_MIN, STREAM_WINDOW_BYTES_MAX, STREAM_WINDOW_BYTES_MIN, WINDOW_HEADROOM_FACTOR,
+    CongestionControl, LinkProfile, Windows, CONNECTION_WINDOW_BYTES_MAX, CONNECTION_WINDOW_STREAMS,
+    SOCKET_BUFFER_BYTES_MAX, SOCKET_BUFFER_BYTES_MIN, STREAM_WINDOW_BYTES_MAX, STREAM_WINDOW_BYTES_MIN,
+    WINDOW_HEADROOM_FACTOR,
 };
 pub use trust::{PinnedPeers, TrustStore};

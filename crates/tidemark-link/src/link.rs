@@ -19,7 +19,8 @@ use crate::error::is_refused_by_peer;
 use crate::identity::crypto_provider;
 use crate::trust::{PinnedServerVerifier, TrustedClientVerifier};
 use crate::{
-    Connection, Fingerprint, Identity, LinkError, LinkProfile, Peer, PinnedPeers, TrustStore, Windows,
+    CongestionControl, Connection, Fingerprint, Identity, LinkError, LinkProfile, Peer, PinnedPeers,
+    TrustStore, Windows,
 };
 
 /// The ALPN protocol both sides must offer: the link's wire version.
@@ -93,7 +94,7 @@ impl Link {
     /// clients whose certificates `trust` trusts, and can dial partners.
     ///
     /// Flow-control windows and socket buffers are sized from `profile` (see
-    /// [`LinkProfile::windows`]); congestion control is Cubic.
+    /// [`LinkProfile::windows`]); congestion control is the profile's.
     ///
     /// # Panics
     ///
@@ -110,9 +111,9 @@ impl Link {
             provider: crypto_provider(),
             certified_key: identity.certified_key(),
             trust,
-            server_transport: Arc::new(transport_config(&windows, 0)),
+            server_transport: Arc::new(transport_config(&windows, 0, profile.congestion)),
             // The client allows the server's one confirmation stream.
-            client_transport: Arc::new(transport_config(&windows, 1)),
+            client_transport: Arc::new(transport_config(&windows, 1, profile.congestion)),
             counters: Counters::default(),
         });
         // Every incoming connection gets its own configuration (see `handshake`); this default
@@ -348,9 +349,9 @@ fn tls_config_error(error: impl std::fmt::Display) -> LinkError {
     LinkError::TlsConfig { reason: error.to_string() }
 }
 
-/// Transport parameters for the link: windows from the profile, Cubic, keep-alives, and
+/// Transport parameters for the link: windows and congestion control from the profile, keep-alives, and
 /// `uni_streams` unidirectional streams allowed from the peer.
-fn transport_config(windows: &Windows, uni_streams: u32) -> TransportConfig {
+fn transport_config(windows: &Windows, uni_streams: u32, congestion: CongestionControl) -> TransportConfig {
     let varint = |bytes: u64| VarInt::from_u64(bytes).unwrap_or(VarInt::MAX);
     let mut transport = TransportConfig::default();
     transport
@@ -363,8 +364,15 @@ fn transport_config(windows: &Windows, uni_streams: u32) -> TransportConfig {
         .max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(
             u32::try_from(IDLE_TIMEOUT.as_millis()).unwrap_or(u32::MAX),
         ))))
-        .datagram_receive_buffer_size(None)
-        .congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()));
+        .datagram_receive_buffer_size(None);
+    match congestion {
+        CongestionControl::Bbr => {
+            transport.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
+        }
+        CongestionControl::Cubic => {
+            transport.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
+        }
+    };
     transport
 }
 

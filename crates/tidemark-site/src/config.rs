@@ -87,6 +87,28 @@ pub struct ReplicationSection {
     pub link_rtt: Duration,
     /// zstd level of batch payloads, 1 to 19. Default 1 (about 500 MB/s per core).
     pub zstd_level: i32,
+    /// Congestion control of the link: `"bbr"` (default: keeps a lossy WAN full) or `"cubic"`
+    /// (yields to other traffic as TCP does).
+    pub congestion: Congestion,
+}
+
+/// `replication.congestion`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Congestion {
+    /// BBR.
+    Bbr,
+    /// Cubic.
+    Cubic,
+}
+
+impl From<Congestion> for tidemark_link::CongestionControl {
+    fn from(c: Congestion) -> Self {
+        match c {
+            Congestion::Bbr => tidemark_link::CongestionControl::Bbr,
+            Congestion::Cubic => tidemark_link::CongestionControl::Cubic,
+        }
+    }
 }
 
 impl Default for ReplicationSection {
@@ -96,6 +118,7 @@ impl Default for ReplicationSection {
             link_mbit_per_second: 1000,
             link_rtt: Duration::from_millis(50),
             zstd_level: 1,
+            congestion: Congestion::Bbr,
         }
     }
 }
@@ -526,6 +549,14 @@ mod tests {
     }
 
     #[test]
+    fn congestion_control_is_bbr_or_cubic() {
+        let config = Config::parse("[replication]\ncongestion = \"cubic\"\n", "c.toml").expect("config");
+        assert_eq!(config.replication.congestion, Congestion::Cubic);
+        let error = error_of("[replication]\ncongestion = \"reno\"\n");
+        assert!(error.contains("replication.congestion") && error.contains("reno"), "{error}");
+    }
+
+    #[test]
     fn empty_file_gives_the_embedded_defaults() {
         let config = Config::parse("", "empty.toml").expect("empty config");
         assert_eq!(config.nbd.listen, "127.0.0.1:10809".parse().expect("addr"));
@@ -535,6 +566,7 @@ mod tests {
         assert_eq!(config.defaults.journal_max_bytes, 20 << 30);
         assert_eq!(config.limits.api_body_bytes_max, 64 << 10);
         assert_eq!(config.metrics.listen, "127.0.0.1:9600".parse().expect("addr"));
+        assert_eq!(config.replication.congestion, Congestion::Bbr);
         assert!(validate_name("site", &config.site.name).is_ok());
         let loaded = Config::load(None).expect("defaults");
         assert_eq!(loaded.api.listen, config.api.listen);

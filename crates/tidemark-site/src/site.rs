@@ -154,6 +154,7 @@ impl Site {
             profile: LinkProfile {
                 bandwidth_bits_per_second: config.replication.link_mbit_per_second * 1_000_000,
                 rtt: config.replication.link_rtt,
+                congestion: config.replication.congestion.into(),
             },
             session: SessionConfig { zstd_level: config.replication.zstd_level, ..SessionConfig::default() },
         };

@@ -1,0 +1,366 @@
+//! Replication over a simulated WAN (simnet, one profile at a time): goodput while catching up a
+//! backlog of incompressible and of 3:1-compressible data, as a fraction of the link's rate, and
+//! rpo_seconds while a host writes at a share of the link's rate. And the cost of protection:
+//! 4 KiB random-write IOPS on a protected group against an unprotected one on the same site.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::children::Guarded;
+use crate::pair::{wait_streaming, Pair, CATCH_UP};
+use crate::targets::Site;
+
+/// Issue 3's targets on the `wan` profile.
+pub const GOODPUT_TARGET_FRACTION: f64 = 0.9;
+/// Effective throughput of 3:1-compressible data, as a multiple of the link rate.
+pub const COMPRESSIBLE_TARGET_MULTIPLE: f64 = 2.0;
+/// rpo_seconds p99 at half the link's rate.
+pub const RPO_P99_TARGET_SECONDS: f64 = 1.0;
+/// Host IOPS with replication to a loopback partner, against without.
+pub const PROTECTION_COST_TARGET: f64 = 0.9;
+/// How often rpo_seconds is sampled.
+const RPO_SAMPLE_INTERVAL: Duration = Duration::from_millis(200);
+
+/// How the WAN benchmark runs.
+pub struct Config {
+    /// simnet profiles to measure.
+    pub profiles: Vec<String>,
+    /// Seconds of link time each backlog takes at the link's rate.
+    pub backlog_link_seconds: u64,
+    /// Seconds of steady load per rpo measurement.
+    pub load_seconds: u64,
+    /// Runs of each protection-cost job.
+    pub runs: usize,
+    /// Seconds of each protection-cost job.
+    pub job_seconds: u64,
+}
+
+/// One profile's figures.
+#[derive(Clone, Debug)]
+pub struct ProfileReport {
+    /// Profile name.
+    pub profile: String,
+    /// The link's rate, bits per second.
+    pub rate_bits: u64,
+    /// Incompressible backlog: compressed bytes on the wire per second over the link rate.
+    pub goodput_fraction: f64,
+    /// 3:1 backlog: uncompressed bytes replicated per second over the link rate.
+    pub compressible_multiple: f64,
+    /// The compression ratio zstd achieved on the 3:1 data.
+    pub compressible_ratio: f64,
+    /// rpo_seconds p50 and p99 at 50% and 90% of the link rate.
+    pub rpo: Vec<(u32, f64, f64)>,
+}
+
+/// The cost of protection.
+#[derive(Clone, Debug)]
+pub struct CostReport {
+    /// IOPS of each unprotected run.
+    pub unprotected: Vec<f64>,
+    /// IOPS of each protected run.
+    pub protected: Vec<f64>,
+}
+
+/// Everything the WAN benchmark measured.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// Per profile.
+    pub profiles: Vec<ProfileReport>,
+    /// Cost of protection.
+    pub cost: CostReport,
+}
+
+/// Run every profile, then the protection cost.
+pub fn run(config: &Config, binary: &Path, simnet: &Path, scratch: &Path) -> Result<Report> {
+    let mut profiles = Vec::new();
+    for name in &config.profiles {
+        let profile =
+            simnet::Profile::load(name).map_err(|e| anyhow::anyhow!("simnet profile {name}: {e}"))?;
+        let rate_bits =
+            profile.settings.a_to_b.rate.map(|r| r.bits_per_second()).context("the profile has no rate")?;
+        let dir = scratch.join(format!("wan-{name}"));
+        std::fs::create_dir_all(&dir)?;
+        let report = measure_profile(config, binary, simnet, name, rate_bits, &dir)
+            .with_context(|| format!("WAN benchmark on profile {name}"))?;
+        eprintln!(
+            "wan {name}: goodput {:.2} of the link (incompressible), {:.2}x the link (3:1 data, ratio {:.2}), rpo {}",
+            report.goodput_fraction,
+            report.compressible_multiple,
+            report.compressible_ratio,
+            report.rpo.iter().map(|(l, p50, p99)| format!("{l}%: p50 {p50:.2}s p99 {p99:.2}s")).collect::<Vec<_>>().join(", ")
+        );
+        profiles.push(report);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+    let dir = scratch.join("protection-cost");
+    std::fs::create_dir_all(&dir)?;
+    let cost = protection_cost(config, binary, &dir)?;
+    std::fs::remove_dir_all(&dir).ok();
+    Ok(Report { profiles, cost })
+}
+
+fn measure_profile(
+    config: &Config,
+    binary: &Path,
+    simnet: &Path,
+    profile: &str,
+    rate_bits: u64,
+    dir: &Path,
+) -> Result<ProfileReport> {
+    let pair = Pair::start(binary, Some((simnet, profile)), dir)?;
+    let a = &pair.a;
+    let backlog = (rate_bits / 8 * config.backlog_link_seconds).max(16 << 20) / (1 << 20) * (1 << 20);
+    a.create_volume("g", "16GiB", "v", &format!("{}", 8u64 << 30))?;
+    a.cli(&["group", "protect", "g", "--partner", "b"])?;
+    wait_streaming(a)?;
+
+    let seconds_per_bit = |bytes: u64, seconds: f64| bytes as f64 * 8.0 / seconds / rate_bits as f64;
+    let (raw, wire, seconds) = catch_up(a, backlog, 0, Compression::None)?;
+    let goodput_fraction = seconds_per_bit(wire, seconds);
+    eprintln!("  incompressible backlog: {raw} raw bytes, {wire} on the wire in {seconds:.1}s");
+    let (raw3, wire3, seconds3) = catch_up(a, backlog, backlog, Compression::ThreeToOne)?;
+    let compressible_multiple = seconds_per_bit(raw3, seconds3);
+    let compressible_ratio = raw3 as f64 / wire3.max(1) as f64;
+    eprintln!("  3:1 backlog: {raw3} raw bytes, {wire3} on the wire in {seconds3:.1}s");
+    let mut rpo = Vec::new();
+    for load_percent in [50u32, 90] {
+        let bytes_per_second = rate_bits / 8 * u64::from(load_percent) / 100;
+        let (p50, p99) = rpo_under_load(a, bytes_per_second, config.load_seconds, 2 * backlog)?;
+        rpo.push((load_percent, p50, p99));
+    }
+    Ok(ProfileReport {
+        profile: profile.to_string(),
+        rate_bits,
+        goodput_fraction,
+        compressible_multiple,
+        compressible_ratio,
+        rpo,
+    })
+}
+
+/// What fio writes.
+#[derive(Clone, Copy)]
+enum Compression {
+    /// Fresh random bytes in every buffer.
+    None,
+    /// Buffers zstd compresses about 3:1.
+    ThreeToOne,
+}
+
+fn fio_data_args(compression: Compression) -> Vec<String> {
+    match compression {
+        Compression::None => vec!["--refill_buffers".into(), "--buffer_compress_percentage=0".into()],
+        // fio fills two thirds of each 4 KiB chunk with a repeated pattern and the rest randomly.
+        Compression::ThreeToOne => vec![
+            "--refill_buffers".into(),
+            "--buffer_compress_percentage=67".into(),
+            "--buffer_compress_chunk=4k".into(),
+        ],
+    }
+}
+
+/// Pause replication, write `bytes` at `offset` with `compression`, resume, and time the
+/// catch-up. Returns (raw bytes sent, bytes on the wire, seconds).
+fn catch_up(a: &Site, bytes: u64, offset: u64, compression: Compression) -> Result<(u64, u64, f64)> {
+    a.cli(&["group", "pause", "g"])?;
+    let mut args = vec![
+        "--name=backlog".to_string(),
+        "--ioengine=nbd".to_string(),
+        format!("--uri={}", a.uri("v")),
+        "--rw=write".to_string(),
+        "--bs=1m".to_string(),
+        "--iodepth=8".to_string(),
+        format!("--offset={offset}"),
+        format!("--size={bytes}"),
+        "--thread".to_string(),
+    ];
+    args.extend(fio_data_args(compression));
+    let status = Command::new("fio").args(&args).stdout(Stdio::null()).stderr(Stdio::null()).status()?;
+    if !status.success() {
+        bail!("fio backlog write failed ({status})");
+    }
+    let before = sent(a)?;
+    a.cli(&["group", "resume", "g"])?;
+    let start = Instant::now();
+    wait_streaming(a)?;
+    let seconds = start.elapsed().as_secs_f64();
+    let after = sent(a)?;
+    Ok((after.0 - before.0, after.1 - before.1, seconds))
+}
+
+/// (raw, compressed) bytes sent so far.
+fn sent(a: &Site) -> Result<(u64, u64)> {
+    let r = &a.group("g")?["replication"];
+    Ok((
+        r["bytes_sent_total"].as_u64().context("bytes_sent_total")?,
+        r["bytes_sent_compressed_total"].as_u64().context("bytes_sent_compressed_total")?,
+    ))
+}
+
+/// Write incompressible data at `bytes_per_second` for `seconds` and sample rpo_seconds;
+/// returns its p50 and p99 after the first two seconds.
+fn rpo_under_load(a: &Site, bytes_per_second: u64, seconds: u64, offset: u64) -> Result<(f64, f64)> {
+    wait_streaming(a)?;
+    let mut args = vec![
+        "--name=load".to_string(),
+        "--ioengine=nbd".to_string(),
+        format!("--uri={}", a.uri("v")),
+        "--rw=write".to_string(),
+        "--bs=64k".to_string(),
+        "--iodepth=4".to_string(),
+        format!("--rate={bytes_per_second}"),
+        format!("--offset={offset}"),
+        "--size=4g".to_string(),
+        "--time_based".to_string(),
+        format!("--runtime={seconds}s"),
+        "--thread".to_string(),
+    ];
+    args.extend(fio_data_args(Compression::None));
+    let mut command = Command::new("fio");
+    command.args(&args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    let mut fio = Guarded::spawn(&mut command, "fio steady load")?;
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    while fio.try_wait()?.is_none() {
+        if start.elapsed() > Duration::from_secs(seconds) + CATCH_UP {
+            let _ = fio.kill();
+            bail!("the load did not end");
+        }
+        if start.elapsed() > Duration::from_secs(2) {
+            if let Some(rpo) = a.group("g")?["replication"]["rpo_seconds"].as_f64() {
+                samples.push(rpo);
+            }
+        }
+        std::thread::sleep(RPO_SAMPLE_INTERVAL);
+    }
+    if samples.len() < 10 {
+        bail!("only {} rpo samples", samples.len());
+    }
+    samples.sort_by(f64::total_cmp);
+    let at =
+        |q: f64| samples.get(((samples.len() - 1) as f64 * q).round() as usize).copied().unwrap_or(f64::NAN);
+    Ok((at(0.5), at(0.99)))
+}
+
+/// 4 KiB random writes, depth 32, on a protected and an unprotected group of one site, runs
+/// interleaved so both see the same machine.
+fn protection_cost(config: &Config, binary: &Path, dir: &Path) -> Result<CostReport> {
+    let pair = Pair::start(binary, None, dir)?;
+    let a = &pair.a;
+    a.create_volume("g", "16GiB", "v", "4GiB")?;
+    a.cli(&["group", "create", "u", "--journal-max", "16GiB"])?;
+    a.cli(&["volume", "create", "w", "--size", "4GiB", "--group", "u"])?;
+    a.cli(&["group", "protect", "g", "--partner", "b"])?;
+    wait_streaming(a)?;
+    let job = |export: &str| -> Result<f64> {
+        let out = Command::new("fio")
+            .args([
+                "--name=cost",
+                "--ioengine=nbd",
+                &format!("--uri={}", a.uri(export)),
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=32",
+                "--size=1g",
+                "--time_based",
+                &format!("--runtime={}s", config.job_seconds),
+                "--thread",
+                "--output-format=json",
+            ])
+            .output()?;
+        if !out.status.success() {
+            bail!("fio cost job failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        // fio may print notes before its JSON document.
+        let text = String::from_utf8_lossy(&out.stdout);
+        let json = text.find('{').map_or("", |i| &text[i..]);
+        let v: serde_json::Value = serde_json::from_str(json).context("parse fio output")?;
+        v["jobs"][0]["write"]["iops"].as_f64().context("fio output has no write iops")
+    };
+    let (mut unprotected, mut protected) = (Vec::new(), Vec::new());
+    for _ in 0..config.runs {
+        unprotected.push(job("w")?);
+        protected.push(job("v")?);
+    }
+    eprintln!("protection cost: unprotected {unprotected:?} IOPS, protected {protected:?} IOPS");
+    Ok(CostReport { unprotected, protected })
+}
+
+/// The Markdown section (between the WAN markers of docs/benchmarks.md).
+pub fn markdown(report: &Report, context: &str, config: &Config) -> String {
+    let met = |ok: bool| if ok { "met" } else { "NOT MET" };
+    let mut out = String::new();
+    out.push_str("## Replication over a simulated WAN\n\n");
+    out.push_str(context);
+    out.push_str(&format!(
+        "\n\nTwo sites on this machine joined by two `simnet` relays with the named profile. **Goodput**: \
+         replication is paused, a backlog of {} s of link time is written with fio (1 MiB sequential writes; \
+         incompressible, or fio's `--buffer_compress_percentage=67`), replication resumes, and the catch-up is timed \
+         until `lag_records` is 0: bytes on the wire (after zstd) per second over the link's rate, and for the \
+         compressible data the uncompressed bytes per second over the link's rate. **RPO**: fio writes incompressible \
+         64 KiB blocks at 50% and 90% of the link's rate for {} s while `rpo_seconds` is sampled every {} ms (the \
+         first 2 s left out). The link rate counts UDP payload, so QUIC's headers and acknowledgements come out of it.\n\n",
+        config.backlog_link_seconds,
+        config.load_seconds,
+        RPO_SAMPLE_INTERVAL.as_millis()
+    ));
+    out.push_str("| Profile | Link | Goodput, incompressible | 3:1 data, effective | rpo p50 / p99 at 50% load | rpo p50 / p99 at 90% load |\n");
+    out.push_str("|---|---|---|---|---|---|\n");
+    for p in &report.profiles {
+        let target = p.profile == "wan";
+        let rpo = |load: u32| {
+            p.rpo.iter().find(|(l, _, _)| *l == load).map_or("-".to_string(), |(_, p50, p99)| {
+                let verdict = if target && load == 50 {
+                    format!(
+                        " ({}: p99 at most {RPO_P99_TARGET_SECONDS} s)",
+                        met(*p99 <= RPO_P99_TARGET_SECONDS)
+                    )
+                } else {
+                    String::new()
+                };
+                format!("{p50:.2} s / {p99:.2} s{verdict}")
+            })
+        };
+        out.push_str(&format!(
+            "| {} | {} Mbit/s | {:.2} of the link{} | {:.2}x the link (zstd ratio {:.2}){} | {} | {} |\n",
+            p.profile,
+            p.rate_bits / 1_000_000,
+            p.goodput_fraction,
+            if target {
+                format!(
+                    " ({}: at least {GOODPUT_TARGET_FRACTION})",
+                    met(p.goodput_fraction >= GOODPUT_TARGET_FRACTION)
+                )
+            } else {
+                String::new()
+            },
+            p.compressible_multiple,
+            p.compressible_ratio,
+            if target {
+                format!(
+                    " ({}: at least {COMPRESSIBLE_TARGET_MULTIPLE}x)",
+                    met(p.compressible_multiple >= COMPRESSIBLE_TARGET_MULTIPLE)
+                )
+            } else {
+                String::new()
+            },
+            rpo(50),
+            rpo(90),
+        ));
+    }
+    let median = crate::roles::median;
+    let (u, p) = (median(report.cost.unprotected.clone()), median(report.cost.protected.clone()));
+    let ratio = p / u;
+    out.push_str(&format!(
+        "\n**Cost of protection** (4 KiB random writes, depth 32, {} s, {} runs each, interleaved, on one site; the \
+         protected group replicates to a partner on loopback): {p:.0} IOPS protected against {u:.0} unprotected, \
+         **{ratio:.2}x** ({}: at least {PROTECTION_COST_TARGET}x).\n",
+        config.job_seconds,
+        report.cost.unprotected.len(),
+        met(ratio >= PROTECTION_COST_TARGET)
+    ));
+    out
+}
