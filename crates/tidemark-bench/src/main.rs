@@ -165,7 +165,7 @@ fn run(cli: &Cli) -> Result<()> {
                 } else {
                     ["metro", "wan", "intercontinental", "satellite", "flapping"].map(String::from).to_vec()
                 },
-                backlog_link_seconds: if cli.quick { 5 } else { 10 },
+                backlog_link_seconds: if cli.quick { 5 } else { 20 },
                 load_seconds: if cli.quick { 10 } else { 20 },
                 runs: cli.runs.map_or(if cli.quick { 1 } else { 3 }, |n| n as usize),
                 job_seconds: if cli.quick { 5 } else { 15 },
