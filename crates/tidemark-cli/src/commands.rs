@@ -42,6 +42,8 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Image(command) => image(&connect(cli)?, json, command),
         Command::Status => status(&connect(cli)?, json),
         Command::Events { since, limit } => events(&connect(cli)?, json, since.as_deref(), *limit),
+        Command::Up(args) => crate::drill::up(cli, args),
+        Command::Drill(args) => crate::drill::drill(args),
     }
 }
 

@@ -6,6 +6,7 @@
 
 mod client;
 mod commands;
+mod drill;
 mod output;
 mod serve;
 
@@ -85,6 +86,41 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         limit: Option<usize>,
     },
+    /// Run two paired sites on this machine, joined by a simulated WAN, with a protected demo
+    /// group, until Ctrl-C (their data goes under --data-dir, default ./tidemark-up).
+    Up(UpArgs),
+    /// Run a drill scenario against real sites over a simulated WAN and check every copy;
+    /// exits non-zero when a check fails (docs/drills.md).
+    Drill(DrillArgs),
+}
+
+/// `tidemark up`.
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// The link between the sites: a simnet profile (metro, wan, intercontinental, satellite,
+    /// flapping) or a profile file.
+    #[arg(long, value_name = "NAME", default_value = "wan")]
+    pub profile: String,
+    /// Use free ports instead of the standard ones (10809/7600/7601/9600 for site-a,
+    /// 10819/7610/7611/9610 for site-b); only for a new directory, which keeps its ports.
+    #[arg(long)]
+    pub free_ports: bool,
+}
+
+/// `tidemark drill`.
+#[derive(Args, Debug)]
+pub struct DrillArgs {
+    /// The scenario file (TOML; simnet/scenarios/ has examples).
+    pub scenario: PathBuf,
+    /// Write the JSON report here.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+    /// Make the scratch directory (sites' data and logs) in DIR [default: the temporary directory].
+    #[arg(long, value_name = "DIR")]
+    pub workdir: Option<PathBuf>,
+    /// Keep the scratch directory even when the drill passes (it is always kept when it fails).
+    #[arg(long)]
+    pub keep: bool,
 }
 
 /// `tidemark serve`.
@@ -347,6 +383,19 @@ mod tests {
         assert!(matches!(cli.command, Command::Rollback(RollbackArgs { to: Some(ref t), .. }) if t == "-5m"));
         Cli::try_parse_from(["tidemark", "image", "create", "g", "--at", "-1s", "--name", "i"])
             .expect("image");
+    }
+
+    #[test]
+    fn up_and_drill_parse() {
+        let cli = Cli::try_parse_from(["tidemark", "up", "--profile", "satellite", "--data-dir", "/d"])
+            .expect("up");
+        assert!(
+            matches!(cli.command, Command::Up(UpArgs { ref profile, free_ports: false }) if profile == "satellite")
+        );
+        let cli = Cli::try_parse_from(["tidemark", "drill", "s.toml", "--report", "r.json", "--keep"])
+            .expect("drill");
+        assert!(matches!(cli.command, Command::Drill(DrillArgs { keep: true, report: Some(_), .. })));
+        assert!(Cli::try_parse_from(["tidemark", "drill"]).is_err(), "a drill needs a scenario");
     }
 
     #[test]
