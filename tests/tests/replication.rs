@@ -164,3 +164,40 @@ fn initial_sync_of_a_sparse_volume_sends_about_the_allocated_bytes() {
     );
     assert!(sent >= allocated && sent <= allocated + allocated / 20, "sent {sent} for {allocated} allocated");
 }
+
+#[test]
+fn a_partner_behind_the_trimmed_journal_gets_a_baseline_then_streams() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, mut b) = pair(&dir);
+    // A small journal: 64 MiB of writes trim the history well past seq 1 before protection.
+    a.cli_ok(&["group", "create", "g", "--journal-max", "16MiB"]);
+    a.cli_ok(&["volume", "create", "v", "--size", "128MiB", "--group", "g"]);
+    let src = mixed_image(&dir, "src.raw", 64, 3);
+    run_ok("qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", &src, &a.uri("v")]);
+    wait_for("the journal to trim its oldest history", CATCH_UP, || {
+        a.cli_json(&["history", "g"])["oldest"]["seq"].as_u64().is_some_and(|s| s > 1)
+    });
+    // --wait returns once the baseline is in and the journal after it has caught up.
+    let done = a.cli_ok(&["group", "protect", "g", "--partner", "b", "--wait"]);
+    assert!(done.contains("caught up"), "{done}");
+    assert_identical(&a, &b, "baseline");
+    let r = replication(&a);
+    assert_eq!(r["baseline"]["completed_total"], 1, "one baseline: {r}");
+    // Allocated data is sent, zero blocks are not: the mixed image holds 64 MiB of which a
+    // quarter is holes and a quarter mostly zeroes.
+    let sent = r["bytes_sent_total"].as_u64().expect("bytes");
+    eprintln!("baseline: {sent} bytes sent for a 64 MiB image with about 33 MiB of non-zero blocks");
+    assert!(sent < 40 << 20, "baseline sent {sent} bytes for about 33 MiB of non-zero blocks");
+    let events = b.cli_ok(&["events", "--json"]);
+    assert!(events.contains("baseline_installed"), "{events}");
+
+    // The journal continues after the baseline, and the switched copy survives a restart.
+    let more = mixed_image(&dir, "more.raw", 8, 4);
+    run_ok("qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", &more, &a.uri("v")]);
+    wait_caught_up(&a);
+    b.kill9();
+    b.restart();
+    wait_caught_up(&a);
+    assert_identical(&a, &b, "after");
+    assert_eq!(replication(&a)["baseline"]["completed_total"], 1, "no second baseline");
+}

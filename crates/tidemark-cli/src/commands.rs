@@ -124,10 +124,21 @@ fn group(api: &ApiClient, json: bool, command: &GroupCommand) -> Result<()> {
             }
             table.print()?;
         }
-        GroupCommand::Protect { group, partner } => {
+        GroupCommand::Protect { group, partner, wait } => {
             validate_name("group", group)?;
             let p =
                 api.post(&format!("/v1/groups/{}/protect", segment(group)), &json!({ "partner": partner }))?;
+            if *wait {
+                let r = wait_for_sync(api, group)?;
+                if json {
+                    return print_json(&r);
+                }
+                println!(
+                    "group {group} is protected to partner {partner} and caught up: {}",
+                    replication_line(&r)
+                );
+                return Ok(());
+            }
             if json {
                 return print_json(&p);
             }
@@ -266,6 +277,15 @@ fn replication_line(r: &Value) -> String {
         format_bytes(number(r, "bytes_sent_total")),
         format_bytes(number(r, "bytes_sent_compressed_total")),
     );
+    let baseline = &r["baseline"];
+    if text(r, "state") == "baseline" && !baseline.is_null() {
+        line.push_str(&format!(
+            "; baseline at seq {}: {} of {}",
+            number(baseline, "seq"),
+            format_bytes(number(baseline, "bytes_done")),
+            format_bytes(number(baseline, "bytes_total"))
+        ));
+    }
     let error = text(r, "last_error");
     if !error.is_empty() {
         line.push_str(&format!("; last error: {error}"));
@@ -537,6 +557,49 @@ fn rollback(api: &ApiClient, json: bool, args: &RollbackArgs) -> Result<()> {
             Ok(())
         }
         _ => bail!("rollback of group {} failed (job {job}): {}", args.group, text(&finished, "error")),
+    }
+}
+
+/// Poll a group until its partner has caught up (streaming, no lag), showing the baseline's
+/// progress, then the lag, on a terminal. Stops with an error when replication stops for good
+/// (diverged, fenced) or the group is paused; Ctrl-C stops waiting, not replicating.
+fn wait_for_sync(api: &ApiClient, group: &str) -> Result<Value> {
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {bytes}/{total_bytes} ({eta})")
+                .context("build progress bar style")?
+                .progress_chars("=> "),
+        );
+        bar.enable_steady_tick(Duration::from_millis(100));
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let path = format!("/v1/groups/{}", segment(group));
+    loop {
+        let g = api.get(&path)?;
+        let r = &g["replication"];
+        match text(r, "state").as_str() {
+            "streaming" if number(r, "lag_records") == 0 => {
+                bar.finish_and_clear();
+                return Ok(r.clone());
+            }
+            "baseline" => {
+                bar.set_message(format!("{group}: baseline at seq {}", number(&r["baseline"], "seq")));
+                bar.set_length(number(&r["baseline"], "bytes_total"));
+                bar.set_position(number(&r["baseline"], "bytes_done"));
+            }
+            "diverged" | "fenced" | "paused" => {
+                bar.abandon();
+                bail!("replication of group {group} stopped: {}", replication_line(r));
+            }
+            state => {
+                bar.set_message(format!("{group}: {state}, {} records behind", number(r, "lag_records")));
+                bar.set_length(0);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(JOB_POLL_INTERVAL_MILLIS));
     }
 }
 

@@ -171,6 +171,10 @@ pub enum GroupCommand {
         /// Partner name (see `tidemark partner add`).
         #[arg(long, value_name = "NAME")]
         partner: String,
+        /// Wait until the partner has caught up (a baseline, if one is needed, then the
+        /// journal), showing progress on a terminal.
+        #[arg(long)]
+        wait: bool,
     },
     /// Stop replicating a group (the partner keeps its copy).
     Unprotect {

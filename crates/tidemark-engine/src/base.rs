@@ -11,6 +11,9 @@ use parking_lot::Mutex;
 use tidemark_journal::storage::{Storage, StorageFile};
 use tidemark_journal::VolumeId;
 
+/// Prefix of the files of a baseline being received (see `crate::baseline`).
+pub const STAGED_PREFIX: &str = "baseline.";
+
 /// Bytes per chunk file: 1 TiB.
 pub const CHUNK_BYTES: u64 = 1 << 40;
 
@@ -18,13 +21,21 @@ pub const CHUNK_BYTES: u64 = 1 << 40;
 pub struct BaseImage {
     storage: Arc<dyn Storage>,
     volume: VolumeId,
+    /// Prefix of the chunk files' names: empty, or [`STAGED_PREFIX`] for a baseline being received.
+    prefix: &'static str,
     chunks: Mutex<BTreeMap<u64, Option<Arc<dyn StorageFile>>>>,
 }
 
 impl BaseImage {
     /// The base of `volume` in `storage`; no file is touched until needed.
     pub fn new(storage: Arc<dyn Storage>, volume: VolumeId) -> BaseImage {
-        BaseImage { storage, volume, chunks: Mutex::new(BTreeMap::new()) }
+        BaseImage { storage, volume, prefix: "", chunks: Mutex::new(BTreeMap::new()) }
+    }
+
+    /// The staged base of `volume` in `storage`: a baseline being received, in files named
+    /// [`STAGED_PREFIX`] + the chunk's name, beside (and never touching) the current base.
+    pub fn staged(storage: Arc<dyn Storage>, volume: VolumeId) -> BaseImage {
+        BaseImage { storage, volume, prefix: STAGED_PREFIX, chunks: Mutex::new(BTreeMap::new()) }
     }
 
     /// File name of chunk `chunk`.
@@ -32,9 +43,13 @@ impl BaseImage {
         format!("base-{:08x}-{chunk:06x}.img", volume.0)
     }
 
+    fn file_name(&self, chunk: u64) -> String {
+        format!("{}{}", self.prefix, Self::chunk_name(self.volume, chunk))
+    }
+
     /// Where a chunk lives, for messages.
     pub fn describe(&self, offset: u64) -> std::path::PathBuf {
-        self.storage.describe(&Self::chunk_name(self.volume, offset / CHUNK_BYTES))
+        self.storage.describe(&self.file_name(offset / CHUNK_BYTES))
     }
 
     fn chunk(&self, chunk: u64, create: bool) -> io::Result<Option<Arc<dyn StorageFile>>> {
@@ -45,7 +60,7 @@ impl BaseImage {
         if !create && chunks.get(&chunk).is_some() {
             return Ok(None);
         }
-        let name = Self::chunk_name(self.volume, chunk);
+        let name = self.file_name(chunk);
         let file = if create {
             let file = self.storage.open(&name)?;
             // The new directory entry must be durable with the first sync of its data.
@@ -141,7 +156,7 @@ impl BaseImage {
 
     /// Remove every chunk file (the volume was deleted).
     pub fn remove(&self) -> io::Result<()> {
-        let prefix = format!("base-{:08x}-", self.volume.0);
+        let prefix = format!("{}base-{:08x}-", self.prefix, self.volume.0);
         for name in self.storage.list()?.into_iter().filter(|n| n.starts_with(&prefix)) {
             self.storage.remove(&name)?;
         }

@@ -117,6 +117,16 @@ pub enum EngineEvent {
         /// Records removed.
         records: u64,
     },
+    /// A secondary switched to a complete baseline from its partner: its copy is the partner's
+    /// image at `seq`, and its own history before it is gone.
+    BaselineInstalled {
+        /// Group name.
+        group: String,
+        /// The baseline's seq.
+        seq: u64,
+        /// Bytes received (allocated, non-zero blocks).
+        bytes: u64,
+    },
 }
 
 impl EngineEvent {
@@ -135,6 +145,7 @@ impl EngineEvent {
             EngineEvent::RoleChanged { .. } => "role_changed",
             EngineEvent::SalvageKept { .. } => "salvage_kept",
             EngineEvent::Rewound { .. } => "rewound",
+            EngineEvent::BaselineInstalled { .. } => "baseline_installed",
         }
     }
 
@@ -152,7 +163,8 @@ impl EngineEvent {
             | EngineEvent::RollbackCompleted { group, .. }
             | EngineEvent::RoleChanged { group, .. }
             | EngineEvent::SalvageKept { group, .. }
-            | EngineEvent::Rewound { group, .. } => Some(group),
+            | EngineEvent::Rewound { group, .. }
+            | EngineEvent::BaselineInstalled { group, .. } => Some(group),
         }
     }
 
@@ -193,6 +205,9 @@ impl EngineEvent {
             EngineEvent::Rewound { group, seq, records } => {
                 format!("group {group}: rewound to fork point seq {seq}, {records} divergent records removed")
             }
+            EngineEvent::BaselineInstalled { group, seq, bytes } => format!(
+                "group {group}: switched to a baseline of the partner's image at seq {seq} ({bytes} bytes); history before it is gone"
+            ),
         }
     }
 }

@@ -18,6 +18,7 @@ use tidemark_journal::{
 };
 
 use crate::base::BaseImage;
+use crate::baseline::{BaselineTarget, StagedBaseline};
 use crate::error::{EngineError, Result};
 use crate::events::{EngineEvent, EventSink};
 use crate::index::{Version, VolumeIndex};
@@ -129,6 +130,9 @@ pub const NEAR_LIMIT_PERCENT: u64 = 80;
 /// ... and can fire again once the journal is back under this share.
 pub const NEAR_LIMIT_REARM_PERCENT: u64 = 70;
 
+/// Flushes a baseline point waits through before giving up (each covers every write before it).
+const BASELINE_POINT_TRIES: usize = 1000;
+
 /// Build a group's state from its files: control file, checkpoint (if usable), journal replay.
 /// A rewind recorded in the control file is finished first: the journal is cut after the rewind
 /// point and the checkpoint (which may describe later records) is discarded.
@@ -139,6 +143,7 @@ fn load_state(
     options: &GroupOptions,
     events: &dyn EventSink,
 ) -> Result<(GroupState, tidemark_journal::journal::RecoveryReport)> {
+    crate::baseline::recover(storage, id, name, journal_config(options))?;
     let mut control: ControlState = read_control(&**storage)
         .map_err(|reason| EngineError::Failed {
             group: name.into(),
@@ -637,6 +642,65 @@ impl Group {
         };
         st.apply(&record, appended.location)?;
         Ok(appended.seq)
+    }
+
+    /// The point a baseline of this copy is taken at: the newest record, once it is durable
+    /// (only durable records are ever shipped), with the volumes and lineage there. Hold the
+    /// history from its seq (see `Engine::pin`) while reading it with [`Group::read`].
+    pub fn baseline_point(&self) -> Result<BaselineTarget> {
+        for _ in 0..BASELINE_POINT_TRIES {
+            self.flush()?;
+            let st = self.state.lock();
+            let seq = st.journal.last_seq();
+            if self.durable_seq() < seq {
+                continue; // written meanwhile: flush again
+            }
+            return Ok(BaselineTarget {
+                seq,
+                chain: st.journal.chain(),
+                time: st.time_of(seq),
+                generation: st.control.generation,
+                generations: st.control.generations.clone(),
+                volumes: st.volumes.values().map(|v| v.meta.clone()).collect(),
+            });
+        }
+        Err(EngineError::Conflict(format!(
+            "group {:?}: writes kept its newest record from becoming durable; try the baseline again",
+            self.name
+        )))
+    }
+
+    /// Start receiving a baseline (the partner's image at `target.seq`) beside this copy,
+    /// which stays as it is until [`Group::install_baseline`]. Only a secondary takes one.
+    pub fn stage_baseline(&self, target: BaselineTarget) -> Result<StagedBaseline> {
+        if self.role() != Role::Secondary {
+            return Err(EngineError::Conflict(format!(
+                "group {:?} is primary here: it sends baselines, it does not take them",
+                self.name
+            )));
+        }
+        StagedBaseline::begin(self.storage.clone(), target)
+    }
+
+    /// Switch to a complete staged baseline: from here on this copy is the partner's image at
+    /// the baseline's seq and continues with the partner's next record. Crash-safe: start-up
+    /// finishes a switch that was committed (see `crate::baseline`).
+    pub fn install_baseline(&self, staged: StagedBaseline) -> Result<Seq> {
+        let _sync = self.sync_lock.lock();
+        let mut st = self.state.lock();
+        if st.control.role != Role::Secondary {
+            return Err(EngineError::Conflict(format!(
+                "group {:?} became primary during its baseline",
+                self.name
+            )));
+        }
+        staged.commit(&st.control)?;
+        crate::baseline::recover(&self.storage, self.id, &self.name, journal_config(&self.options))?;
+        let (state, _) = load_state(&self.storage, self.id, &self.name, &self.options, &*self.events)?;
+        *st = state;
+        let seq = st.journal.last_seq();
+        self.durable_seq.store(seq.0, Ordering::Release);
+        Ok(seq)
     }
 
     /// Append a control record and make it durable before returning.

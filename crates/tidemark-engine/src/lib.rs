@@ -16,6 +16,7 @@ use tidemark_journal::storage::{OsStorage, Storage};
 use tidemark_journal::{Control, VolumeId, ZeroMode};
 
 pub mod base;
+pub mod baseline;
 pub mod catalog;
 pub mod error;
 pub mod events;
@@ -763,6 +764,57 @@ impl Engine {
             blocks: blocks.values().sum(),
         });
         Ok(image)
+    }
+
+    /// Start receiving a baseline for secondary group `group`. Refused while the group has
+    /// images here: they read history the baseline replaces.
+    pub fn begin_baseline(
+        &self,
+        group: &str,
+        target: baseline::BaselineTarget,
+    ) -> Result<baseline::StagedBaseline> {
+        let g = self.group_arc(group)?;
+        self.refuse_images_of(group, "receive a baseline")?;
+        for meta in &target.volumes {
+            if let Some(other) = self.volumes().into_iter().find(|v| v.name == meta.name && v.group != group)
+            {
+                return Err(EngineError::Conflict(format!(
+                    "the baseline of group {group:?} has volume {:?}, a name group {:?} uses at this site",
+                    meta.name, other.group
+                )));
+            }
+        }
+        g.stage_baseline(target)
+    }
+
+    /// Switch secondary group `group` to a complete staged baseline (see
+    /// [`Group::install_baseline`]).
+    pub fn finish_baseline(&self, group: &str, staged: baseline::StagedBaseline) -> Result<Seq> {
+        let _admin = self.admin.lock();
+        let g = self.group_arc(group)?;
+        self.refuse_images_of(group, "switch to its baseline")?;
+        let bytes = staged.bytes();
+        let seq = g.install_baseline(staged)?;
+        self.events.event(EngineEvent::BaselineInstalled { group: group.into(), seq: seq.0, bytes });
+        Ok(seq)
+    }
+
+    fn refuse_images_of(&self, group: &str, action: &str) -> Result<()> {
+        let images: Vec<String> = self
+            .images
+            .read()
+            .values()
+            .filter(|i| i.group.name == group)
+            .map(|i| i.record.name.clone())
+            .collect();
+        if images.is_empty() {
+            return Ok(());
+        }
+        Err(EngineError::Conflict(format!(
+            "group {group:?} has image(s) {} at this site, which read history a baseline replaces; \
+             copy out what you need and delete them, and the group can {action}",
+            images.join(", ")
+        )))
     }
 
     /// Create an image of `group` at `at`.

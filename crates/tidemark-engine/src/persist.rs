@@ -165,7 +165,12 @@ pub const CONTROL_FORMAT_VERSION: u32 = 2;
 
 /// Read the control file, upgrading a version 1 file: `Ok(None)` when absent.
 pub fn read_control(storage: &dyn Storage) -> Result<Option<ControlState>, String> {
-    let Some((version, body)) = read_frame(storage, CONTROL_FILE, CONTROL_MAGIC)? else { return Ok(None) };
+    read_control_from(storage, CONTROL_FILE)
+}
+
+/// Read a control state from file `name` (the control file, or a staged one).
+pub fn read_control_from(storage: &dyn Storage, name: &str) -> Result<Option<ControlState>, String> {
+    let Some((version, body)) = read_frame(storage, name, CONTROL_MAGIC)? else { return Ok(None) };
     match version {
         1 => {
             let v1: ControlStateV1 = postcard::from_bytes(&body).map_err(|e| format!("undecodable: {e}"))?;
@@ -187,7 +192,12 @@ pub fn read_control(storage: &dyn Storage) -> Result<Option<ControlState>, Strin
 
 /// Write the control file atomically (format version [`CONTROL_FORMAT_VERSION`]).
 pub fn write_control(storage: &dyn Storage, control: &ControlState) -> std::io::Result<()> {
-    write_frame(storage, CONTROL_FILE, CONTROL_MAGIC, CONTROL_FORMAT_VERSION, control)
+    write_control_to(storage, CONTROL_FILE, control)
+}
+
+/// Write a control state atomically to file `name` (the control file, or a staged one).
+pub fn write_control_to(storage: &dyn Storage, name: &str, control: &ControlState) -> std::io::Result<()> {
+    write_frame(storage, name, CONTROL_MAGIC, CONTROL_FORMAT_VERSION, control)
 }
 
 /// A bookmark in the history.

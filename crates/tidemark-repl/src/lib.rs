@@ -14,4 +14,7 @@ pub use bucket::TokenBucket;
 pub use lineage::fork_point;
 pub use receiver::{Receiver, ReceiverError};
 pub use sender::{BatchPlan, Pending, Sender, SenderConfig, SenderError, SenderState};
-pub use wire::{BatchFrame, GroupPosition, Message, WireError, PROTOCOL_VERSION};
+pub use wire::{
+    BaselineChunk, BaselineHeader, BaselineVolume, BatchFrame, GroupPosition, Message, WireError,
+    PROTOCOL_VERSION,
+};

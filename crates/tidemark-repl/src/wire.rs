@@ -4,13 +4,17 @@
 
 use serde::{Deserialize, Serialize};
 use tidemark_journal::record::{self, RecordHeader, HEADER_BYTES};
-use tidemark_journal::{ChainHash, GenerationStart, Record, Seq};
+use tidemark_journal::{ChainHash, GenerationStart, Record, Seq, UnixNanos};
 
 /// Version of this protocol; a peer with another version is refused at the handshake.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest uncompressed content of one batch, in bytes (a record carries at most 4 MiB of
 /// data, so a batch always has room for at least one).
 pub const BATCH_RAW_BYTES_MAX: u64 = 16 << 20;
+/// Largest uncompressed content of one baseline chunk, in bytes.
+pub const BASELINE_CHUNK_BYTES_MAX: u64 = 4 << 20;
+/// Most volumes a baseline may describe.
+pub const BASELINE_VOLUMES_MAX: usize = 1024;
 /// Largest encoded message other than a batch's payload, in bytes.
 pub const MESSAGE_BYTES_MAX: usize = 64 << 10;
 
@@ -91,6 +95,24 @@ pub enum Message {
         /// Its generation.
         generation: u64,
     },
+    /// Primary to secondary: the secondary is behind what the journal holds, so it gets the
+    /// primary's whole image at one seq instead ([`BaselineHeader`]), then
+    /// [`Message::BaselineData`] chunks, then [`Message::BaselineEnd`]; the secondary stages it
+    /// beside its copy, switches when it is complete, and acknowledges the seq.
+    BaselineBegin(BaselineHeader),
+    /// A run of a baseline's non-zero blocks.
+    BaselineData(BaselineChunk),
+    /// The baseline is complete: `chunks` chunks with `raw_bytes` bytes in all were sent.
+    BaselineEnd {
+        /// Group id.
+        group_id: u64,
+        /// The baseline's seq.
+        seq: Seq,
+        /// Chunks sent.
+        chunks: u64,
+        /// Bytes of data sent (uncompressed).
+        raw_bytes: u64,
+    },
     /// Either side: this group stops here, with the reason (divergence, stale generation, bad frame).
     Refuse {
         /// Group id.
@@ -112,6 +134,89 @@ impl Message {
             return Err(WireError::Oversized { bytes: bytes.len() as u64 });
         }
         postcard::from_bytes(bytes).map_err(|e| WireError::Malformed(e.to_string()))
+    }
+}
+
+/// A volume as a baseline describes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaselineVolume {
+    /// Id within the group.
+    pub id: u32,
+    /// Name.
+    pub name: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Block size in bytes.
+    pub block_size_bytes: u32,
+}
+
+/// What a baseline is: the primary's image at `seq`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaselineHeader {
+    /// Group id.
+    pub group_id: u64,
+    /// The primary's generation.
+    pub generation: u64,
+    /// The primary's lineage.
+    pub generations: Vec<GenerationStart>,
+    /// The seq whose image it is.
+    pub seq: Seq,
+    /// Chain hash after `seq`: the journal continues from it.
+    pub chain: ChainHash,
+    /// Source time of `seq`.
+    pub time: UnixNanos,
+    /// The volumes at `seq`.
+    pub volumes: Vec<BaselineVolume>,
+    /// Allocated bytes the primary found (an upper bound of the data to come: zero blocks are
+    /// elided), for progress.
+    pub bytes_total: u64,
+}
+
+/// A run of a baseline's blocks, zstd-compressed, with a blake3 hash of the uncompressed data.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaselineChunk {
+    /// Group id.
+    pub group_id: u64,
+    /// Volume id.
+    pub volume: u32,
+    /// Byte offset in the volume.
+    pub offset: u64,
+    /// Bytes of data.
+    pub raw_bytes: u64,
+    /// blake3 of the data.
+    pub content_hash: [u8; 32],
+    /// zstd-compressed data.
+    pub payload: Vec<u8>,
+}
+
+impl BaselineChunk {
+    /// Build a chunk of `data` at `offset` of `volume`.
+    pub fn build(group_id: u64, volume: u32, offset: u64, data: &[u8], level: i32) -> BaselineChunk {
+        assert!(data.len() as u64 <= BASELINE_CHUNK_BYTES_MAX, "chunk over BASELINE_CHUNK_BYTES_MAX");
+        BaselineChunk {
+            group_id,
+            volume,
+            offset,
+            raw_bytes: data.len() as u64,
+            content_hash: *blake3::hash(data).as_bytes(),
+            payload: zstd::bulk::compress(data, level).expect("zstd compresses any input"),
+        }
+    }
+
+    /// Decompress (bounded) and verify the data.
+    pub fn open(&self) -> Result<Vec<u8>, WireError> {
+        if self.raw_bytes > BASELINE_CHUNK_BYTES_MAX {
+            return Err(WireError::Oversized { bytes: self.raw_bytes });
+        }
+        let raw = zstd::bulk::decompress(&self.payload, self.raw_bytes as usize)
+            .map_err(|e| WireError::Decompress(e.to_string()))?;
+        if raw.len() as u64 != self.raw_bytes {
+            return Err(WireError::Decompress(format!("{} bytes, {} claimed", raw.len(), self.raw_bytes)));
+        }
+        if blake3::hash(&raw).as_bytes() != &self.content_hash {
+            return Err(WireError::ChunkHashMismatch { volume: self.volume, offset: self.offset });
+        }
+        Ok(raw)
     }
 }
 
@@ -157,6 +262,14 @@ pub enum WireError {
         first: u64,
         /// Last seq claimed.
         last: u64,
+    },
+    /// A baseline chunk's hash does not match its data.
+    #[error("baseline chunk of volume {volume} at offset {offset}: content hash mismatch")]
+    ChunkHashMismatch {
+        /// Volume id.
+        volume: u32,
+        /// Offset claimed.
+        offset: u64,
     },
     /// A record inside the batch is invalid, out of order, or does not continue the chain.
     #[error("batch {first}..={last}: record {seq}: {reason}")]
@@ -242,5 +355,36 @@ impl BatchFrame {
             return Err(bad(expected.0, format!("batch ends before its last seq {}", self.last_seq.0)));
         }
         Ok(records)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_baseline_chunk_round_trips_and_refuses_damage_and_size() {
+        let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+        let chunk = BaselineChunk::build(7, 1, 8192, &data, 3);
+        let frame = Message::BaselineData(chunk.clone()).encode();
+        let Ok(Message::BaselineData(decoded)) = Message::decode(&frame) else { panic!("decodes") };
+        assert_eq!(decoded.open().expect("opens"), data);
+
+        let mut flipped = chunk.clone();
+        flipped.content_hash[0] ^= 1;
+        assert!(matches!(flipped.open(), Err(WireError::ChunkHashMismatch { volume: 1, offset: 8192 })));
+
+        let mut short = chunk.clone();
+        short.raw_bytes -= 1;
+        assert!(matches!(short.open(), Err(WireError::Decompress(_))));
+
+        let mut huge = chunk.clone();
+        huge.raw_bytes = BASELINE_CHUNK_BYTES_MAX + 1;
+        assert!(matches!(huge.open(), Err(WireError::Oversized { .. })));
+
+        let mut garbage = chunk;
+        garbage.payload.truncate(10);
+        assert!(garbage.open().is_err(), "a truncated payload never opens");
+        assert!(Message::decode(&frame[..frame.len() / 2]).is_err(), "a truncated frame never decodes");
     }
 }

@@ -316,6 +316,27 @@ pub const REPLICATION_THROTTLED: Def = def(
     &["group"],
     "Time batches waited for the partner's bandwidth limit.",
 );
+/// `tidemark_replication_baseline_bytes`.
+pub const REPLICATION_BASELINE_BYTES: Def = def(
+    "tidemark_replication_baseline_bytes",
+    GAUGE,
+    &["group"],
+    "Allocated bytes of the baseline under way or last finished (zero blocks among them are not sent).",
+);
+/// `tidemark_replication_baseline_done_bytes`.
+pub const REPLICATION_BASELINE_DONE: Def = def(
+    "tidemark_replication_baseline_done_bytes",
+    GAUGE,
+    &["group"],
+    "Of those, bytes read and sent (at the secondary: received) so far.",
+);
+/// `tidemark_replication_baselines_total`.
+pub const REPLICATION_BASELINES: Def = def(
+    "tidemark_replication_baselines_total",
+    COUNTER,
+    &["group"],
+    "Baselines completed: acknowledged by the partner (primary) or switched to (secondary).",
+);
 /// `tidemark_replication_link_errors_total`.
 pub const REPLICATION_LINK_ERRORS: Def = def(
     "tidemark_replication_link_errors_total",
@@ -376,6 +397,9 @@ pub const FAMILIES: &[Def] = &[
     REPLICATION_SENT_BYTES,
     REPLICATION_SENT_COMPRESSED_BYTES,
     REPLICATION_BATCHES_SENT,
+    REPLICATION_BASELINE_BYTES,
+    REPLICATION_BASELINE_DONE,
+    REPLICATION_BASELINES,
     REPLICATION_BATCH_SIZE,
     REPLICATION_BATCH_SEND_DURATION,
     REPLICATION_BATCH_ACK_DURATION,
@@ -500,7 +524,9 @@ impl FrameRejection {
             WireError::Malformed(_) => FrameRejection::Malformed,
             WireError::Oversized { .. } => FrameRejection::Oversized,
             WireError::Decompress(_) => FrameRejection::Decompress,
-            WireError::HashMismatch { .. } => FrameRejection::HashMismatch,
+            WireError::HashMismatch { .. } | WireError::ChunkHashMismatch { .. } => {
+                FrameRejection::HashMismatch
+            }
             WireError::BadRecord { .. } => FrameRejection::BadRecord,
             _ => FrameRejection::Other,
         }
@@ -534,8 +560,6 @@ pub enum LinkError {
     Diverged,
     /// A newer primary exists (never retried).
     Fenced,
-    /// The partner is behind the journal and needs a baseline.
-    BaselineNeeded,
     /// A local engine call failed.
     Engine,
     /// A reason this build does not name.
@@ -550,7 +574,6 @@ impl Reason for LinkError {
         LinkError::Refused,
         LinkError::Diverged,
         LinkError::Fenced,
-        LinkError::BaselineNeeded,
         LinkError::Engine,
         LinkError::Other,
     ];
@@ -563,7 +586,6 @@ impl Reason for LinkError {
             LinkError::Refused => "refused",
             LinkError::Diverged => "diverged",
             LinkError::Fenced => "fenced",
-            LinkError::BaselineNeeded => "baseline_needed",
             LinkError::Engine => "engine",
             LinkError::Other => "other",
         }
@@ -585,7 +607,6 @@ impl LinkError {
             SessionError::Refused(_) => LinkError::Refused,
             SessionError::Diverged(_) => LinkError::Diverged,
             SessionError::Fenced(_) => LinkError::Fenced,
-            SessionError::NeedsBaseline(_) => LinkError::BaselineNeeded,
             SessionError::Engine(_) => LinkError::Engine,
             _ => LinkError::Other,
         }
@@ -787,6 +808,11 @@ impl SiteCollector {
             out.add(REPLICATION_SENT_BYTES, &[g], status.bytes_sent_total as f64);
             out.add(REPLICATION_SENT_COMPRESSED_BYTES, &[g], status.bytes_sent_compressed_total as f64);
             out.add(REPLICATION_BATCHES_SENT, &[g], status.batches_sent_total as f64);
+            if let Some(baseline) = &status.baseline {
+                out.add(REPLICATION_BASELINE_BYTES, &[g], baseline.bytes_total as f64);
+                out.add(REPLICATION_BASELINE_DONE, &[g], baseline.bytes_done as f64);
+            }
+            out.add(REPLICATION_BASELINES, &[g], load(&repl.baselines_total));
             out.histogram(REPLICATION_BATCH_SIZE, &[g], &repl.batch_bytes.snapshot(), 1.0);
             out.histogram(REPLICATION_BATCH_SEND_DURATION, &[g], &repl.batch_send_duration.snapshot(), 1e-9);
             out.histogram(REPLICATION_BATCH_ACK_DURATION, &[g], &repl.batch_ack_duration.snapshot(), 1e-9);

@@ -8,6 +8,7 @@
 //! that end for a passing reason (the partner went away) are retried with bounded backoff;
 //! divergence and fencing stop the group's replication with an event and are never retried.
 
+pub mod baseline;
 pub mod session;
 
 use std::collections::{BTreeMap, HashMap};
@@ -194,8 +195,23 @@ pub struct ReplicationStatus {
     pub batches_sent_total: u64,
     /// Frames refused from the partner.
     pub frames_rejected_total: u64,
+    /// The baseline under way (state `baseline`) or the last one, if there was one.
+    pub baseline: Option<BaselineStatus>,
     /// The last error, if the group is not streaming.
     pub last_error: Option<String>,
+}
+
+/// A baseline's progress.
+#[derive(Clone, Debug, Serialize)]
+pub struct BaselineStatus {
+    /// The seq whose image is sent.
+    pub seq: u64,
+    /// Allocated bytes to read (zero blocks among them are not sent).
+    pub bytes_total: u64,
+    /// Bytes read and sent so far (received, at the secondary).
+    pub bytes_done: u64,
+    /// Baselines completed so far.
+    pub completed_total: u64,
 }
 
 /// A finished takeover.
@@ -545,6 +561,15 @@ impl Replication {
             bytes_sent_compressed_total: stats.bytes_sent_compressed_total.load(Ordering::Relaxed),
             batches_sent_total: stats.batches_sent_total.load(Ordering::Relaxed),
             frames_rejected_total: stats.frames_rejected_total.load(Ordering::Relaxed),
+            baseline: match stats.baseline_seq.load(Ordering::Acquire) {
+                0 => None,
+                seq => Some(BaselineStatus {
+                    seq,
+                    bytes_total: stats.baseline_bytes_total.load(Ordering::Relaxed),
+                    bytes_done: stats.baseline_bytes_done.load(Ordering::Relaxed),
+                    completed_total: stats.baselines_total.load(Ordering::Relaxed),
+                }),
+            },
             last_error,
         })
     }
@@ -835,6 +860,12 @@ async fn protect_loop(repl: Arc<Replication>, group: String, mut stop: watch::Re
         let outcome = protect_once(&repl, &group, &stats, stop.clone()).await;
         match outcome {
             Ok(SessionEnd::Stopped) | Ok(SessionEnd::Promoted { .. }) => return,
+            Ok(SessionEnd::Baselined { seq }) => {
+                // Stream after it at once.
+                tracing::info!(%group, seq, "baseline complete at the partner");
+                delay = RETRY_DELAY_MIN;
+                continue;
+            }
             Ok(SessionEnd::SwappedOut { generation }) => {
                 let partner = repl.partner_of(&group).unwrap_or_default();
                 tracing::info!(%group, generation, %partner, "swapped out: this site is a secondary now");
@@ -876,7 +907,6 @@ async fn protect_loop(repl: Arc<Replication>, group: String, mut stop: watch::Re
                     let action = match e {
                         SessionError::Diverged(_) => "replication.diverged",
                         SessionError::Fenced(_) => "replication.fenced",
-                        SessionError::NeedsBaseline(_) => "replication.baseline_needed",
                         _ => "replication.interrupted",
                     };
                     repl.event(action, &group, format!("group {group}: {message}"));

@@ -22,6 +22,7 @@ use tidemark_repl::{
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::baseline::{receive_baseline, send_baseline, Sending};
 use crate::metrics::{FrameRejection, LinkError, ReasonCounts};
 
 /// How long a peer may take to answer the handshake.
@@ -148,6 +149,14 @@ pub struct ReplStats {
     pub frames_rejected: ReasonCounts<FrameRejection>,
     /// Primary sessions that ended with an error, by reason.
     pub link_errors: ReasonCounts<LinkError>,
+    /// The seq of the baseline under way or last finished (0: none yet).
+    pub baseline_seq: AtomicU64,
+    /// Allocated bytes of the baseline under way or last finished.
+    pub baseline_bytes_total: AtomicU64,
+    /// Of those, bytes read and sent (or received) so far.
+    pub baseline_bytes_done: AtomicU64,
+    /// Baselines completed (acknowledged by the partner, or switched to here).
+    pub baselines_total: AtomicU64,
 }
 
 impl ReplStats {
@@ -170,6 +179,10 @@ impl ReplStats {
             throttled_nanos_total: AtomicU64::new(0),
             frames_rejected: ReasonCounts::default(),
             link_errors: ReasonCounts::default(),
+            baseline_seq: AtomicU64::new(0),
+            baseline_bytes_total: AtomicU64::new(0),
+            baseline_bytes_done: AtomicU64::new(0),
+            baselines_total: AtomicU64::new(0),
         }
     }
 
@@ -179,7 +192,7 @@ impl ReplStats {
         self.frames_rejected.add(reason);
     }
 
-    fn set_state(&self, state: ReplState) {
+    pub(super) fn set_state(&self, state: ReplState) {
         *self.state.lock() = state;
     }
 }
@@ -205,23 +218,20 @@ pub enum SessionError {
     /// A newer primary exists.
     #[error("fenced: {0}")]
     Fenced(String),
-    /// The partner is behind the journal and needs a baseline, which this build cannot send yet.
-    #[error("the partner needs a baseline from seq {0}; baseline transfer is not built yet")]
-    NeedsBaseline(u64),
     /// An engine call failed.
     #[error(transparent)]
     Engine(#[from] EngineError),
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+pub(super) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.expect("blocking engine call panicked")
 }
 
-async fn send(ch: &Channel, msg: &Message) -> Result<(), SessionError> {
+pub(super) async fn send(ch: &Channel, msg: &Message) -> Result<(), SessionError> {
     ch.tx.send(msg.encode()).await.map_err(|_| SessionError::Closed)
 }
 
-async fn recv(ch: &mut Channel, timeout: Option<Duration>) -> Result<Message, SessionError> {
+pub(super) async fn recv(ch: &mut Channel, timeout: Option<Duration>) -> Result<Message, SessionError> {
     let frame = match timeout {
         Some(t) => tokio::time::timeout(t, ch.rx.recv()).await.map_err(|_| SessionError::Timeout(t))?,
         None => ch.rx.recv().await,
@@ -269,6 +279,11 @@ pub enum SessionEnd {
     Promoted {
         /// This site's generation.
         generation: u64,
+    },
+    /// A baseline at `seq` is complete at the secondary; the next session streams after it.
+    Baselined {
+        /// The baseline's seq.
+        seq: u64,
     },
 }
 
@@ -401,9 +416,9 @@ pub async fn run_primary(
             let _ = send(&ch, &Message::Refuse { group_id: group.id, reason: e.to_string() }).await;
             return Err(SessionError::Diverged(e.to_string()));
         }
-        (Ok(next), SenderState::NeedsBaseline) => {
-            stats.set_state(ReplState::Baseline);
-            return Err(SessionError::NeedsBaseline(next.0));
+        (Ok(_), SenderState::NeedsBaseline) => {
+            let sending = Sending { stats: &stats, level: config.zstd_level, hold: &hold, limiter: &limiter };
+            return send_baseline(&group, &mut ch, sending, &mut stop).await;
         }
         (Ok(_), _) => {}
     }
@@ -727,6 +742,9 @@ pub async fn run_secondary(
         };
         let batch = match Message::decode(&frame) {
             Ok(Message::Batch(b)) => b,
+            Ok(Message::BaselineBegin(header)) => {
+                return receive_baseline(&engine, &group, &mut ch, header, &stats).await;
+            }
             Ok(Message::SwapPrepare { generation, last_seq, chain, .. }) => {
                 let position = group.position();
                 if !may_take_swap(&to_wire(&position), last_seq, &chain) {
