@@ -124,10 +124,12 @@ fn group(api: &ApiClient, json: bool, command: &GroupCommand) -> Result<()> {
             }
             table.print()?;
         }
-        GroupCommand::Protect { group, partner, wait } => {
+        GroupCommand::Protect { group, partner, overflow, wait } => {
             validate_name("group", group)?;
-            let p =
-                api.post(&format!("/v1/groups/{}/protect", segment(group)), &json!({ "partner": partner }))?;
+            let p = api.post(
+                &format!("/v1/groups/{}/protect", segment(group)),
+                &json!({ "partner": partner, "overflow": overflow }),
+            )?;
             if *wait {
                 let r = wait_for_sync(api, group)?;
                 if json {

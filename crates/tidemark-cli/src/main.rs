@@ -171,6 +171,12 @@ pub enum GroupCommand {
         /// Partner name (see `tidemark partner add`).
         #[arg(long, value_name = "NAME")]
         partner: String,
+        /// When the partner is out of reach so long that the journal it needs passes the
+        /// group's limit: `resync` lets the journal trim, tracks the changed blocks and sends
+        /// only those when the partner returns; `throttle` keeps the journal and slows host
+        /// writes.
+        #[arg(long, value_name = "POLICY", default_value = "resync", value_parser = ["resync", "throttle"])]
+        overflow: String,
         /// Wait until the partner has caught up (a baseline, if one is needed, then the
         /// journal), showing progress on a terminal.
         #[arg(long)]

@@ -123,6 +123,9 @@ pub struct Group {
     /// Whether the journal is past [`NEAR_LIMIT_PERCENT`] of its limit (the event fires once per
     /// crossing, and re-arms below [`NEAR_LIMIT_REARM_PERCENT`]).
     near_limit: std::sync::atomic::AtomicBool,
+    /// How long each host write waits before it is taken (an overflow policy that slows hosts
+    /// while the partner is out of reach; 0: no wait), in microseconds.
+    write_delay_micros: AtomicU64,
 }
 
 /// The journal-near-limit event fires when the journal passes this share of its limit.
@@ -336,6 +339,7 @@ impl Group {
             storage,
             records_replayed: 0,
             near_limit: std::sync::atomic::AtomicBool::new(false),
+            write_delay_micros: AtomicU64::new(0),
         }
     }
 
@@ -346,6 +350,25 @@ impl Group {
 
     /// A fast refusal before any work; the authoritative check is made again under the group
     /// lock, where the role cannot change, right before a record is appended.
+    /// Make every host write wait `delay` before it is taken (zero: no wait). Replicated
+    /// records, rollbacks and volume changes never wait.
+    pub fn set_write_delay(&self, delay: std::time::Duration) {
+        self.write_delay_micros.store(delay.as_micros().min(u128::from(u64::MAX)) as u64, Ordering::Relaxed);
+    }
+
+    /// The wait [`Group::set_write_delay`] set.
+    pub fn write_delay(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(self.write_delay_micros.load(Ordering::Relaxed))
+    }
+
+    /// Wait out the write delay, outside every lock.
+    fn throttle(&self) {
+        let delay = self.write_delay();
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
+        }
+    }
+
     fn check_writable(&self) -> Result<()> {
         self.check_healthy()?;
         self.state.lock().check_primary(&self.name)
@@ -721,6 +744,7 @@ impl Group {
     /// core at once. It is checked under the lock; if it is stale the work is redone there.
     pub fn write(&self, volume: VolumeId, block_size_bytes: u32, offset: u64, data: &[u8]) -> Result<Seq> {
         self.check_writable()?;
+        self.throttle();
         let hint = u64::from(block_size_bytes.max(1));
         let aligned = offset.is_multiple_of(hint) && (data.len() as u64).is_multiple_of(hint);
         let prepared = aligned.then(|| prepare(data, hint as usize));
@@ -791,6 +815,7 @@ impl Group {
     /// Make `[offset, offset+length)` read as zeroes.
     pub fn zero(&self, volume: VolumeId, offset: u64, length: u64, mode: ZeroMode) -> Result<Seq> {
         self.check_writable()?;
+        self.throttle();
         let mut st = self.state.lock();
         let meta = st.volume(volume, &self.name)?.meta.clone();
         check_range(&meta, offset, length)?;
@@ -977,6 +1002,11 @@ impl Group {
     }
 
     /// The journal's counters (appended bytes, fdatasync latency), for metrics.
+    pub fn journal_bytes(&self) -> u64 {
+        self.state.lock().journal.bytes()
+    }
+
+    /// Counters of the journal's appends and syncs.
     pub fn journal_stats(&self) -> Arc<tidemark_journal::stats::JournalStats> {
         self.state.lock().journal.stats()
     }

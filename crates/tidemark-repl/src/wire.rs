@@ -170,6 +170,10 @@ pub struct BaselineHeader {
     /// Allocated bytes the primary found (an upper bound of the data to come: zero blocks are
     /// elided), for progress.
     pub bytes_total: u64,
+    /// A resync: only blocks changed since this seq (with the chain hash after it) are sent,
+    /// zero blocks included; the secondary must hold exactly that history and keeps the rest of
+    /// its copy. `None`: the whole image, zero blocks elided.
+    pub delta_from: Option<(Seq, ChainHash)>,
 }
 
 /// A run of a baseline's blocks, zstd-compressed, with a blake3 hash of the uncompressed data.

@@ -187,6 +187,13 @@ pub const JOURNAL_LIMIT: Def = def(
     &["group"],
     "The group's journal size limit (journal_max); past it the oldest history is trimmed unless pinned.",
 );
+/// `tidemark_journal_near_limit`.
+pub const JOURNAL_NEAR_LIMIT: Def = def(
+    "tidemark_journal_near_limit",
+    GAUGE,
+    &["group"],
+    "1 while the journal is past 80% of its limit (the warning before trimming or an overflow policy), else 0.",
+);
 /// `tidemark_journal_appended_bytes_total`.
 pub const JOURNAL_APPENDED_BYTES: Def = def(
     "tidemark_journal_appended_bytes_total",
@@ -337,6 +344,20 @@ pub const REPLICATION_BASELINES: Def = def(
     &["group"],
     "Baselines completed: acknowledged by the partner (primary) or switched to (secondary).",
 );
+/// `tidemark_replication_overflow_dirty_bytes`.
+pub const REPLICATION_OVERFLOW_DIRTY: Def = def(
+    "tidemark_replication_overflow_dirty_bytes",
+    GAUGE,
+    &["group"],
+    "Overflow policy resync: bytes of blocks changed since the partner's last acknowledgement that the journal no longer holds (sent as a resync when it returns); 0 when not tracking.",
+);
+/// `tidemark_replication_write_delay_seconds`.
+pub const REPLICATION_WRITE_DELAY: Def = def(
+    "tidemark_replication_write_delay_seconds",
+    GAUGE,
+    &["group"],
+    "Overflow policy throttle: how long each host write waits now; 0 when not throttling.",
+);
 /// `tidemark_replication_link_errors_total`.
 pub const REPLICATION_LINK_ERRORS: Def = def(
     "tidemark_replication_link_errors_total",
@@ -382,6 +403,7 @@ pub const FAMILIES: &[Def] = &[
     GROUP_ROLLBACKS,
     JOURNAL_SIZE,
     JOURNAL_LIMIT,
+    JOURNAL_NEAR_LIMIT,
     JOURNAL_APPENDED_BYTES,
     JOURNAL_APPENDED_RECORDS,
     JOURNAL_FSYNC_DURATION,
@@ -400,6 +422,8 @@ pub const FAMILIES: &[Def] = &[
     REPLICATION_BASELINE_BYTES,
     REPLICATION_BASELINE_DONE,
     REPLICATION_BASELINES,
+    REPLICATION_OVERFLOW_DIRTY,
+    REPLICATION_WRITE_DELAY,
     REPLICATION_BATCH_SIZE,
     REPLICATION_BATCH_SEND_DURATION,
     REPLICATION_BATCH_ACK_DURATION,
@@ -769,6 +793,8 @@ impl SiteCollector {
             out.add(GROUP_GENERATION, &[g], info.generation as f64);
             out.add(JOURNAL_SIZE, &[g], info.journal_bytes as f64);
             out.add(JOURNAL_LIMIT, &[g], info.journal_max_bytes as f64);
+            let near = u128::from(info.journal_bytes) * 100 > u128::from(info.journal_max_bytes) * 80;
+            out.add(JOURNAL_NEAR_LIMIT, &[g], f64::from(u8::from(near)));
             out.add(HISTORY_RETENTION, &[g], info.retention_seconds as f64);
             out.add(HISTORY_TRIMMED, &[g], events.engine_count("history_trimmed", g) as f64);
             out.add(GROUP_ROLLBACKS, &[g], events.engine_count("rollback_completed", g) as f64);
@@ -808,11 +834,14 @@ impl SiteCollector {
             out.add(REPLICATION_SENT_BYTES, &[g], status.bytes_sent_total as f64);
             out.add(REPLICATION_SENT_COMPRESSED_BYTES, &[g], status.bytes_sent_compressed_total as f64);
             out.add(REPLICATION_BATCHES_SENT, &[g], status.batches_sent_total as f64);
-            if let Some(baseline) = &status.baseline {
-                out.add(REPLICATION_BASELINE_BYTES, &[g], baseline.bytes_total as f64);
-                out.add(REPLICATION_BASELINE_DONE, &[g], baseline.bytes_done as f64);
-            }
+            let (total, done) = status.baseline.as_ref().map_or((0, 0), |b| (b.bytes_total, b.bytes_done));
+            out.add(REPLICATION_BASELINE_BYTES, &[g], total as f64);
+            out.add(REPLICATION_BASELINE_DONE, &[g], done as f64);
             out.add(REPLICATION_BASELINES, &[g], load(&repl.baselines_total));
+            if let Some(overflow) = &status.overflow {
+                out.add(REPLICATION_OVERFLOW_DIRTY, &[g], overflow.dirty_bytes as f64);
+                out.add(REPLICATION_WRITE_DELAY, &[g], overflow.write_delay_ms / 1e3);
+            }
             out.histogram(REPLICATION_BATCH_SIZE, &[g], &repl.batch_bytes.snapshot(), 1.0);
             out.histogram(REPLICATION_BATCH_SEND_DURATION, &[g], &repl.batch_send_duration.snapshot(), 1e-9);
             out.histogram(REPLICATION_BATCH_ACK_DURATION, &[g], &repl.batch_ack_duration.snapshot(), 1e-9);

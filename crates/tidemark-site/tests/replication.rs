@@ -86,6 +86,7 @@ fn connect_limited(
         hold: |_| {},
         limiter,
         swaps: swaps_rx,
+        resync: None,
     };
     let primary = tokio::spawn(run_primary(group, a, context, stop_rx));
     let host = Arc::new(TestHost {

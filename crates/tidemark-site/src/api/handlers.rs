@@ -17,7 +17,7 @@ use super::{ApiError, ApiJson, ApiPath, ApiState};
 use crate::events::{self, Event, EventSource, Outcome, EVENTS_RETURNED_MAX};
 use crate::jobs::JobView;
 use crate::names::validate_name;
-use crate::replication::{Partner, Protection, ReplicationStatus, SiteIdentity};
+use crate::replication::{OverflowPolicy, Partner, Protection, ReplicationStatus, SiteIdentity};
 use crate::token::Caller;
 use crate::units::{ByteSize, HumanDuration};
 
@@ -194,6 +194,9 @@ pub async fn remove_partner(
 #[serde(deny_unknown_fields)]
 pub struct Protect {
     partner: String,
+    /// `resync` (default) or `throttle`.
+    #[serde(default)]
+    overflow: Option<String>,
 }
 
 pub async fn protect(
@@ -202,7 +205,11 @@ pub async fn protect(
     ApiJson(req): ApiJson<Protect>,
 ) -> ApiResult<Json<Protection>> {
     validate_name("group", &group)?;
-    Ok(Json(state.replication.protect(&group, &req.partner)?))
+    let overflow = match req.overflow.as_deref() {
+        None => OverflowPolicy::default(),
+        Some(name) => name.parse().map_err(|e: String| ApiError::bad_request(e))?,
+    };
+    Ok(Json(state.replication.protect(&group, &req.partner, overflow)?))
 }
 
 /// What a swap answers.

@@ -4,6 +4,7 @@
 //! switches when it is complete, and acknowledges S; the next session streams from S + 1.
 //! An interrupted baseline starts again from the beginning (the staged part is discarded).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,6 +19,7 @@ use tidemark_repl::wire::{BASELINE_CHUNK_BYTES_MAX, BASELINE_VOLUMES_MAX};
 use tidemark_repl::{BaselineChunk, BaselineHeader, BaselineVolume, Message};
 use tokio::sync::watch;
 
+use super::overflow::DirtyBlocks;
 use super::session::{
     blocking, recv, send, Channel, Limiter, ReplState, ReplStats, SessionEnd, SessionError,
 };
@@ -61,6 +63,28 @@ fn allocated(group: &Group, target: &BaselineTarget) -> Result<Vec<VolumeMap>, E
     Ok(out)
 }
 
+/// Byte ranges of each volume a resync sends: the dirty blocks, and every block changed in the
+/// journal after they were last tracked.
+fn changed(group: &Group, target: &BaselineTarget, dirty: &DirtyBlocks) -> Vec<VolumeMap> {
+    let recent = group.blocks_changed_after(Seq(dirty.through));
+    target
+        .volumes
+        .iter()
+        .map(|meta| {
+            let tracked = dirty.volumes.get(&meta.id.0).map(Vec::as_slice).unwrap_or_default();
+            let newer =
+                recent.iter().find(|(m, _)| m.id == meta.id).map(|(_, b)| b.as_slice()).unwrap_or_default();
+            let bs = u64::from(meta.block_size_bytes);
+            let ranges = super::overflow::merge_runs(tracked, newer)
+                .into_iter()
+                .map(|(first, count)| (first * bs, ((first + count) * bs).min(meta.size_bytes)))
+                .filter(|(start, end)| start < end)
+                .collect();
+            (meta.clone(), ranges)
+        })
+        .collect()
+}
+
 /// Runs of non-zero blocks in `data` (which starts at `offset`): (offset, bytes).
 fn nonzero_runs(data: &[u8], offset: u64, block: usize) -> Vec<(u64, std::ops::Range<usize>)> {
     let mut runs: Vec<(u64, std::ops::Range<usize>)> = Vec::new();
@@ -87,6 +111,9 @@ pub struct Sending<'a, H: Fn(Seq)> {
     pub hold: &'a H,
     /// The partner's bandwidth limit.
     pub limiter: &'a Option<Arc<Mutex<Limiter>>>,
+    /// Send only these blocks and those changed after them (a resync from the partner's
+    /// position, which the caller checked).
+    pub delta: Option<DirtyBlocks>,
 }
 
 /// Send a baseline of `group` to the partner on `ch`; returns once the partner has switched to
@@ -97,14 +124,21 @@ pub async fn send_baseline<H: Fn(Seq)>(
     sending: Sending<'_, H>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<SessionEnd, SessionError> {
-    let Sending { stats, level, hold, limiter } = sending;
+    let Sending { stats, level, hold, limiter, delta } = sending;
     stats.set_state(ReplState::Baseline);
     let g = group.clone();
     let target = blocking(move || g.baseline_point()).await?;
+    let delta_from = delta.as_ref().map(|d| (Seq(d.from_seq), tidemark_journal::ChainHash(d.from_chain)));
+    let (g, t) = (group.clone(), target.clone());
+    // Mapped before the hold moves to the point: the journal still holds every change after
+    // the dirty blocks' `through` (the hold is at or before it).
+    let map = blocking(move || match &delta {
+        Some(d) => Ok(changed(&g, &t, d)),
+        None => allocated(&g, &t),
+    })
+    .await?;
     // The point stays readable, and the journal after it kept, until the partner acknowledges it.
     hold(target.seq);
-    let (g, t) = (group.clone(), target.clone());
-    let map = blocking(move || allocated(&g, &t)).await?;
     let bytes_total: u64 = map.iter().flat_map(|(_, r)| r.iter().map(|(s, e)| e - s)).sum();
     stats.baseline_seq.store(target.seq.0, Ordering::Release);
     stats.baseline_bytes_total.store(bytes_total, Ordering::Relaxed);
@@ -128,7 +162,9 @@ pub async fn send_baseline<H: Fn(Seq)>(
             })
             .collect(),
         bytes_total,
+        delta_from,
     };
+    let whole = delta_from.is_some();
     send(ch, &Message::BaselineBegin(header)).await?;
     let (mut chunks, mut raw_total) = (0u64, 0u64);
     for (meta, ranges) in map {
@@ -154,6 +190,10 @@ pub async fn send_baseline<H: Fn(Seq)>(
                 let built = blocking(move || -> Result<Vec<BaselineChunk>, EngineError> {
                     let mut buf = vec![0u8; len as usize];
                     g.read(id, offset, &mut buf, Some(seq))?;
+                    if whole {
+                        // A resync overwrites: a block that became zero must say so.
+                        return Ok(vec![BaselineChunk::build(group_id, id.0, offset, &buf, level)]);
+                    }
                     Ok(nonzero_runs(&buf, offset, block)
                         .into_iter()
                         .map(|(at, r)| BaselineChunk::build(group_id, id.0, at, &buf[r], level))
@@ -204,6 +244,64 @@ pub async fn send_baseline<H: Fn(Seq)>(
     }
 }
 
+/// Copy this copy's non-zero blocks that a resync did not send into the staged image, so it
+/// becomes this copy with the resync's blocks on top. Local I/O only.
+fn fill_from_copy(
+    group: &Group,
+    staged: &mut StagedBaseline,
+    volumes: &[VolumeMeta],
+    mut covered: BTreeMap<u32, Vec<(u64, u64)>>,
+) -> Result<(), EngineError> {
+    let current = group.volumes();
+    let position = group.position();
+    for meta in volumes {
+        let Some(here) = current.iter().find(|m| m.id == meta.id) else { continue };
+        let size = here.size_bytes.min(meta.size_bytes);
+        let target = BaselineTarget {
+            seq: position.last_seq,
+            chain: position.chain,
+            time: tidemark_journal::UnixNanos(0),
+            generation: 0,
+            generations: Vec::new(),
+            volumes: vec![VolumeMeta { size_bytes: size, ..here.clone() }],
+        };
+        let sent = covered.remove(&meta.id.0).unwrap_or_default();
+        for (_, ranges) in allocated(group, &target)? {
+            for (start, end) in subtract(&ranges, &sent) {
+                let mut offset = start;
+                while offset < end {
+                    let len = READ_BYTES.min(end - offset);
+                    let mut buf = vec![0u8; len as usize];
+                    group.read(meta.id, offset, &mut buf, None)?;
+                    for (at, r) in nonzero_runs(&buf, offset, meta.block_size_bytes as usize) {
+                        staged.write(meta.id.0, at, &buf[r])?;
+                    }
+                    offset += len;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `ranges` minus `holes` (both sorted, disjoint `[start, end)`).
+fn subtract(ranges: &[(u64, u64)], holes: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for &(start, end) in ranges {
+        let mut at = start;
+        for &(hs, he) in holes.iter().filter(|(hs, he)| *he > start && *hs < end) {
+            if hs > at {
+                out.push((at, hs));
+            }
+            at = at.max(he);
+        }
+        if at < end {
+            out.push((at, end));
+        }
+    }
+    out
+}
+
 /// Tell the primary why, and end the session.
 async fn refuse(ch: &Channel, group_id: u64, reason: String) -> SessionError {
     let _ = send(ch, &Message::Refuse { group_id, reason: reason.clone() }).await;
@@ -246,6 +344,19 @@ pub async fn receive_baseline(
             })
             .collect(),
     };
+    if let Some((seq, chain)) = header.delta_from {
+        let here = group.position();
+        if here.last_seq != seq || here.chain != chain {
+            let reason = format!(
+                "a resync from seq {} does not apply: this copy is at seq {} with {} chain",
+                seq.0,
+                here.last_seq.0,
+                if here.chain == chain { "the same" } else { "another" }
+            );
+            return Err(refuse(ch, group.id, reason).await);
+        }
+    }
+    let volumes = target.volumes.clone();
     let (e, name) = (engine.clone(), group.name.clone());
     let mut staged: StagedBaseline = match blocking(move || e.begin_baseline(&name, target)).await {
         Ok(staged) => staged,
@@ -256,6 +367,8 @@ pub async fn receive_baseline(
     stats.baseline_bytes_done.store(0, Ordering::Relaxed);
     tracing::info!(group = %group.name, seq = header.seq.0, bytes_total = header.bytes_total, "receiving a baseline");
     let mut chunks = 0u64;
+    // Byte ranges each volume's chunks covered (a resync keeps the rest of this copy).
+    let mut covered: BTreeMap<u32, Vec<(u64, u64)>> = BTreeMap::new();
     loop {
         let message = recv(ch, None).await?;
         match message {
@@ -268,11 +381,17 @@ pub async fn receive_baseline(
                         return Err(refuse(ch, group.id, e.to_string()).await);
                     }
                 };
+                let (volume, offset) = (chunk.volume, chunk.offset);
                 let written = blocking(move || {
                     let result = staged.write(chunk.volume, chunk.offset, &data);
                     (staged, result, data.len() as u64)
                 })
                 .await;
+                let runs = covered.entry(volume).or_default();
+                match runs.last_mut() {
+                    Some((_, end)) if *end == offset => *end += written.2,
+                    _ => runs.push((offset, offset + written.2)),
+                }
                 staged = written.0;
                 if let Err(e) = written.1 {
                     stats.reject(FrameRejection::Other);
@@ -292,6 +411,23 @@ pub async fn receive_baseline(
                     );
                     return Err(refuse(ch, group.id, reason).await);
                 }
+                if header.delta_from.is_some() {
+                    let g = group.clone();
+                    let filled = blocking(move || {
+                        let result = fill_from_copy(&g, &mut staged, &volumes, covered);
+                        (staged, result)
+                    })
+                    .await;
+                    staged = filled.0;
+                    if let Err(e) = filled.1 {
+                        return Err(refuse(
+                            ch,
+                            group.id,
+                            format!("resync: keeping this copy's unchanged blocks: {e}"),
+                        )
+                        .await);
+                    }
+                }
                 let (e, name) = (engine.clone(), group.name.clone());
                 match blocking(move || e.finish_baseline(&name, staged)).await {
                     Ok(_) => {}
@@ -310,5 +446,28 @@ pub async fn receive_baseline(
                 return Err(refuse(ch, group.id, format!("unexpected {other:?} during a baseline")).await);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subtracting_holes_keeps_what_is_outside_them() {
+        assert_eq!(subtract(&[(0, 100)], &[(10, 20), (50, 60)]), vec![(0, 10), (20, 50), (60, 100)]);
+        assert_eq!(subtract(&[(0, 100)], &[(0, 100)]), vec![]);
+        assert_eq!(subtract(&[(0, 10), (20, 30)], &[(5, 25)]), vec![(0, 5), (25, 30)]);
+        assert_eq!(subtract(&[(10, 20)], &[]), vec![(10, 20)]);
+    }
+
+    #[test]
+    fn zero_blocks_are_left_out_of_runs() {
+        let mut data = vec![0u8; 4 * 512];
+        data[0] = 1;
+        data[2 * 512 + 3] = 1;
+        data[3 * 512] = 1;
+        let runs = nonzero_runs(&data, 1024, 512);
+        assert_eq!(runs, vec![(1024, 0..512), (1024 + 1024, 1024..2048)]);
     }
 }

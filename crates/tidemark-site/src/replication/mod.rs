@@ -9,6 +9,7 @@
 //! divergence and fencing stop the group's replication with an event and are never retried.
 
 pub mod baseline;
+pub mod overflow;
 pub mod session;
 
 use std::collections::{BTreeMap, HashMap};
@@ -27,6 +28,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::events::{Event, EventLog, EventSource};
 use crate::metrics::LinkError;
+pub use overflow::{DirtyBlocks, OverflowPolicy};
 use session::{
     run_primary, run_secondary, Channel, Limiter, PrimaryContext, ReplState, ReplStats, SessionConfig,
     SessionEnd, SessionError, SessionHost, SwapCall, SwapOutcome,
@@ -80,6 +82,9 @@ pub struct Protection {
     pub partner: String,
     /// Stopped by the operator.
     pub paused: bool,
+    /// What happens when the partner's backlog passes the journal's limit.
+    #[serde(default)]
+    pub overflow: OverflowPolicy,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -197,8 +202,24 @@ pub struct ReplicationStatus {
     pub frames_rejected_total: u64,
     /// The baseline under way (state `baseline`) or the last one, if there was one.
     pub baseline: Option<BaselineStatus>,
+    /// The overflow policy and what it is doing (at the primary).
+    pub overflow: Option<OverflowStatus>,
     /// The last error, if the group is not streaming.
     pub last_error: Option<String>,
+}
+
+/// What the overflow policy is doing.
+#[derive(Clone, Debug, Serialize)]
+pub struct OverflowStatus {
+    /// `resync` or `throttle`.
+    pub policy: OverflowPolicy,
+    /// `resync`: the journal is trimming past the partner; these blocks await a resync.
+    pub tracking: bool,
+    /// Bytes of blocks changed since the partner's last acknowledgement that the journal no
+    /// longer holds.
+    pub dirty_bytes: u64,
+    /// `throttle`: how long each host write waits now, in milliseconds.
+    pub write_delay_ms: f64,
 }
 
 /// A baseline's progress.
@@ -348,6 +369,10 @@ pub struct Replication {
     swap_calls: Mutex<HashMap<String, mpsc::Sender<SwapCall>>>,
     /// One incoming session per group at a time.
     session_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The data directory (dirty blocks live in `overflow/` under it).
+    data_dir: PathBuf,
+    /// Dirty blocks of groups whose partner overflowed the journal (`resync`), as on disk.
+    dirty: Mutex<HashMap<String, DirtyBlocks>>,
     /// Itself, so that tasks it starts can hold it.
     me: std::sync::Weak<Replication>,
 }
@@ -387,13 +412,28 @@ impl Replication {
             limiters: Mutex::new(HashMap::new()),
             swap_calls: Mutex::new(HashMap::new()),
             session_locks: Mutex::new(HashMap::new()),
+            data_dir: data_dir.to_path_buf(),
+            dirty: Mutex::new(HashMap::new()),
         });
         repl.settle_store();
         tokio::spawn(accept_loop(repl.clone()));
         let protections: Vec<Protection> = repl.store.lock().protections.values().cloned().collect();
+        for p in &protections {
+            match overflow::load(data_dir, &p.group) {
+                Ok(Some(dirty)) => {
+                    repl.dirty.lock().insert(p.group.clone(), dirty);
+                }
+                Ok(None) => {}
+                // Without them a resync could miss blocks: the partner gets a full baseline.
+                Err(reason) => {
+                    tracing::error!(group = %p.group, %reason, "dirty blocks unreadable; a full baseline will follow")
+                }
+            }
+        }
         for p in protections.iter().filter(|p| !p.paused) {
             repl.start_task(&p.group);
         }
+        tokio::spawn(overflow_loop(Arc::downgrade(&repl)));
         Ok(repl)
     }
 
@@ -465,14 +505,19 @@ impl Replication {
 
     /// Start protecting `group` to `partner`: the partner creates the secondary group and its
     /// volumes from the journal as it arrives.
-    pub fn protect(&self, group: &str, partner: &str) -> Result<Protection, ReplicationError> {
+    pub fn protect(
+        &self,
+        group: &str,
+        partner: &str,
+        overflow: OverflowPolicy,
+    ) -> Result<Protection, ReplicationError> {
         let handle = self.engine.group_handle(group)?;
         if handle.role() != tidemark_engine::persist::Role::Primary {
             return Err(ReplicationError::Invalid(format!(
                 "group {group:?} is a secondary here; protect it on its primary"
             )));
         }
-        let protection = Protection { group: group.into(), partner: partner.into(), paused: false };
+        let protection = Protection { group: group.into(), partner: partner.into(), paused: false, overflow };
         {
             let mut store = self.store.lock();
             if !store.partners.contains_key(partner) {
@@ -501,6 +546,10 @@ impl Replication {
         self.stop_task(group);
         self.stats.lock().remove(group);
         self.engine.pin(group, PIN_HOLDER, None);
+        self.forget_dirty(group);
+        if let Ok(handle) = self.engine.group_handle(group) {
+            handle.set_write_delay(Duration::ZERO);
+        }
         Ok(())
     }
 
@@ -551,6 +600,8 @@ impl Replication {
         };
         let state = stats.state.lock().clone();
         let last_error = stats.last_error.lock().clone();
+        let policy = self.store.lock().protections.get(group).map(|p| p.overflow);
+        let dirty_bytes = self.dirty.lock().get(group).map(DirtyBlocks::bytes);
         Some(ReplicationStatus {
             state,
             acked_seq: acked.0,
@@ -570,8 +621,103 @@ impl Replication {
                     completed_total: stats.baselines_total.load(Ordering::Relaxed),
                 }),
             },
+            overflow: policy.map(|policy| OverflowStatus {
+                policy,
+                tracking: dirty_bytes.is_some(),
+                dirty_bytes: dirty_bytes.unwrap_or(0),
+                write_delay_ms: handle.write_delay().as_secs_f64() * 1e3,
+            }),
             last_error,
         })
+    }
+
+    fn forget_dirty(&self, group: &str) {
+        if self.dirty.lock().remove(group).is_some() {
+            if let Err(e) = overflow::remove(&self.data_dir, group) {
+                tracing::warn!(%group, error = %e, "could not remove the dirty-block file");
+            }
+        }
+    }
+
+    /// Apply `group`'s overflow policy once (see [`overflow`]). Blocking.
+    fn overflow_round(&self, group: &str) -> Result<(), String> {
+        let Some(protection) = self.store.lock().protections.get(group).cloned() else { return Ok(()) };
+        let handle = self.engine.group_handle(group).map_err(|e| e.to_string())?;
+        if handle.role() != tidemark_engine::persist::Role::Primary {
+            return Ok(());
+        }
+        let stats = self.stats_for(group);
+        let acked = Seq(stats.acked_seq.load(Ordering::Acquire));
+        let position = handle.position();
+        if self.dirty.lock().get(group).is_some_and(|d| acked.0 >= d.through) {
+            // The partner caught up past everything tracked (a resync, or the journal).
+            self.forget_dirty(group);
+        }
+        let behind = acked < position.last_seq;
+        let (bytes, max) = (handle.journal_bytes(), handle.options.journal_max_bytes);
+        match protection.overflow {
+            OverflowPolicy::Throttle => {
+                let delay = if behind { overflow::throttle_delay(bytes, max) } else { Duration::ZERO };
+                let before = handle.write_delay();
+                handle.set_write_delay(delay);
+                if before.is_zero() && !delay.is_zero() {
+                    self.event(
+                        "replication.overflow",
+                        group,
+                        format!(
+                            "group {group}: the journal holds {bytes} bytes for partner {}, past its {max}-byte limit; policy throttle: host writes are slowed until the partner catches up",
+                            protection.partner
+                        ),
+                    );
+                }
+                Ok(())
+            }
+            OverflowPolicy::Resync => {
+                handle.set_write_delay(Duration::ZERO);
+                let reachable = matches!(*stats.state.lock(), ReplState::Streaming | ReplState::Baseline);
+                if bytes <= max || !behind || reachable {
+                    return Ok(());
+                }
+                let existing = self.dirty.lock().get(group).cloned();
+                let first = existing.is_none();
+                let mut dirty = match existing {
+                    Some(d) => d,
+                    None => {
+                        let chain = handle.chain_at(acked).map_err(|e| e.to_string())?.ok_or_else(|| {
+                            format!("the journal no longer reaches the partner's seq {}", acked.0)
+                        })?;
+                        DirtyBlocks::new(acked.0, chain.0)
+                    }
+                };
+                // Everything after `through` is read off the index before the pin moves past it.
+                let through = handle.position().last_seq;
+                for (meta, blocks) in handle.blocks_changed_after(Seq(dirty.through)) {
+                    dirty.add(meta.id.0, meta.block_size_bytes, &blocks);
+                }
+                dirty.through = through.0;
+                overflow::save(&self.data_dir, group, &dirty)
+                    .map_err(|e| format!("save dirty blocks: {e}"))?;
+                let dirty_bytes = dirty.bytes();
+                self.dirty.lock().insert(group.to_string(), dirty);
+                self.engine.pin(group, PIN_HOLDER, Some(through));
+                if first {
+                    self.event(
+                        "replication.overflow",
+                        group,
+                        format!(
+                            "group {group}: partner {} has been out of reach while the journal grew to {bytes} bytes, past its {max}-byte limit; policy resync: the journal trims again, the {dirty_bytes} bytes of blocks changed since seq {} are tracked and sent as a resync when the partner returns",
+                            protection.partner, acked.0
+                        ),
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// `group`'s dirty blocks, if its partner overflowed the journal.
+    fn dirty_for(&self, group: &str) -> Option<DirtyBlocks> {
+        self.dirty.lock().get(group).cloned()
     }
 
     /// The counters of `group`'s replication, if it is protected here or received from a partner.
@@ -650,7 +796,12 @@ impl Replication {
             next.sources.remove(group);
             next.protections.insert(
                 group.into(),
-                Protection { group: group.into(), partner: partner.name.clone(), paused: false },
+                Protection {
+                    group: group.into(),
+                    partner: partner.name.clone(),
+                    paused: false,
+                    overflow: OverflowPolicy::default(),
+                },
             );
             save_store(&self.store_path, &next)?;
             *store = next;
@@ -706,6 +857,7 @@ impl Replication {
                         group: info.name.clone(),
                         partner,
                         paused: false,
+                        overflow: OverflowPolicy::default(),
                     });
                 }
             } else if let Some(p) = next.protections.remove(&info.name) {
@@ -744,7 +896,12 @@ impl Replication {
             next.sources.remove(group);
             next.protections.insert(
                 group.into(),
-                Protection { group: group.into(), partner: partner.into(), paused: false },
+                Protection {
+                    group: group.into(),
+                    partner: partner.into(),
+                    paused: false,
+                    overflow: OverflowPolicy::default(),
+                },
             );
             match save_store(&self.store_path, &next) {
                 Ok(()) => *store = next,
@@ -971,6 +1128,7 @@ async fn protect_once(
         hold,
         limiter,
         swaps: SessionHost::swap_calls(&**repl, group),
+        resync: repl.dirty_for(group),
     };
     let result = run_primary(handle, pump(writer, reader), context, stop).await;
     if result.is_ok() {
@@ -978,6 +1136,31 @@ async fn protect_once(
     }
     result
 }
+
+/// Apply every protected group's overflow policy, twice a second, while the site runs.
+async fn overflow_loop(repl: std::sync::Weak<Replication>) {
+    let mut tick = tokio::time::interval(OVERFLOW_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(r) = repl.upgrade() else { return };
+        let groups: Vec<String> = r.store.lock().protections.keys().cloned().collect();
+        for group in groups {
+            let r = r.clone();
+            let outcome = tokio::task::spawn_blocking(move || {
+                let result = r.overflow_round(&group);
+                (group, result)
+            })
+            .await;
+            if let Ok((group, Err(reason))) = outcome {
+                tracing::warn!(%group, %reason, "overflow policy round failed");
+            }
+        }
+    }
+}
+
+/// How often overflow policies are applied.
+const OVERFLOW_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Serve partners that protect groups to this site: every stream runs a secondary session.
 async fn accept_loop(repl: Arc<Replication>) {

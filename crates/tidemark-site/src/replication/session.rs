@@ -23,6 +23,7 @@ use tidemark_repl::{
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::baseline::{receive_baseline, send_baseline, Sending};
+use super::overflow::DirtyBlocks;
 use crate::metrics::{FrameRejection, LinkError, ReasonCounts};
 
 /// How long a peer may take to answer the handshake.
@@ -338,6 +339,9 @@ pub struct PrimaryContext<H> {
     pub limiter: Option<Arc<Mutex<Limiter>>>,
     /// Operators' swap calls for this group.
     pub swaps: mpsc::Receiver<SwapCall>,
+    /// Blocks changed since the partner's last acknowledgement that the journal no longer holds
+    /// (the `resync` overflow policy): a partner at exactly that point gets only those.
+    pub resync: Option<DirtyBlocks>,
 }
 
 /// Run the primary's side for `group` until the stream ends, the partner refuses, or `stop`.
@@ -354,7 +358,7 @@ pub async fn run_primary(
     context: PrimaryContext<impl Fn(Seq) + Send>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<SessionEnd, SessionError> {
-    let PrimaryContext { site, stats, config, hold, limiter, mut swaps } = context;
+    let PrimaryContext { site, stats, config, hold, limiter, mut swaps, resync } = context;
     stats.set_state(ReplState::Connecting);
     let epoch = Instant::now();
     let g = group.clone();
@@ -417,7 +421,10 @@ pub async fn run_primary(
             return Err(SessionError::Diverged(e.to_string()));
         }
         (Ok(_), SenderState::NeedsBaseline) => {
-            let sending = Sending { stats: &stats, level: config.zstd_level, hold: &hold, limiter: &limiter };
+            // A partner exactly where tracking began gets only what changed; any other, all of it.
+            let delta = resync.filter(|d| d.from_seq == peer.last_seq.0 && d.from_chain == peer.chain.0);
+            let sending =
+                Sending { stats: &stats, level: config.zstd_level, hold: &hold, limiter: &limiter, delta };
             return send_baseline(&group, &mut ch, sending, &mut stop).await;
         }
         (Ok(_), _) => {}
