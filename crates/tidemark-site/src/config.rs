@@ -85,11 +85,61 @@ pub struct ReplicationSection {
     /// Round-trip time of the link to partners (`"50ms"`). Default 50 ms.
     #[serde(deserialize_with = "duration")]
     pub link_rtt: Duration,
-    /// zstd level of batch payloads, 1 to 19. Default 1 (about 500 MB/s per core).
-    pub zstd_level: i32,
+    /// zstd level of batch payloads: 1 to 19, or `"auto"` (the default), which picks by
+    /// `link_mbit_per_second` (see [`ZstdLevel::resolve`]).
+    pub zstd_level: ZstdLevel,
     /// Congestion control of the link: `"bbr"` (default: keeps a lossy WAN full) or `"cubic"`
     /// (yields to other traffic as TCP does).
     pub congestion: Congestion,
+}
+
+/// `replication.zstd_level`: a level, or `auto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ZstdLevel {
+    /// Pick by the link's speed.
+    Auto,
+    /// This level.
+    Level(i32),
+}
+
+impl ZstdLevel {
+    /// The level to use on a link of `mbit` megabits per second. `auto` takes the highest level
+    /// whose single-core compression speed (zstd's own benchmarks, rounded down) is at least
+    /// four times the link's rate, so compression never limits the link and a slow link gets
+    /// the most out of its bytes: 1 from 800 Mbit/s (about 500 MB/s), 3 from 200 (about
+    /// 300 MB/s), 6 from 50 (about 100 MB/s), 9 from 10 (about 60 MB/s), else 12.
+    pub fn resolve(self, mbit: u64) -> i32 {
+        match self {
+            ZstdLevel::Level(level) => level,
+            ZstdLevel::Auto => match mbit {
+                800.. => 1,
+                200..=799 => 3,
+                50..=199 => 6,
+                10..=49 => 9,
+                _ => 12,
+            },
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ZstdLevel {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Level(i64),
+            Name(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Level(level) => i32::try_from(level)
+                .map(ZstdLevel::Level)
+                .map_err(|_| serde::de::Error::custom(format!("{level} is outside 1..=19"))),
+            Raw::Name(name) if name == "auto" => Ok(ZstdLevel::Auto),
+            Raw::Name(name) => {
+                Err(serde::de::Error::custom(format!("{name:?} is neither a level (1 to 19) nor \"auto\"")))
+            }
+        }
+    }
 }
 
 /// `replication.congestion`.
@@ -117,7 +167,7 @@ impl Default for ReplicationSection {
             listen: SocketAddr::from(([0, 0, 0, 0], 7601)),
             link_mbit_per_second: 1000,
             link_rtt: Duration::from_millis(50),
-            zstd_level: 1,
+            zstd_level: ZstdLevel::Auto,
             congestion: Congestion::Bbr,
         }
     }
@@ -462,8 +512,10 @@ impl Config {
         if repl.link_rtt.is_zero() || repl.link_rtt > Duration::from_secs(10) {
             return Err(refuse("replication.link_rtt", format!("{:?} is outside (0, 10s]", repl.link_rtt)));
         }
-        if !(1..=19).contains(&repl.zstd_level) {
-            return Err(refuse("replication.zstd_level", format!("{} is outside 1..=19", repl.zstd_level)));
+        if let ZstdLevel::Level(level) = repl.zstd_level {
+            if !(1..=19).contains(&level) {
+                return Err(refuse("replication.zstd_level", format!("{level} is outside 1..=19")));
+            }
         }
         if self.defaults.retention.as_secs() == 0 {
             return Err(refuse("defaults.retention", "must be at least one second".into()));
@@ -546,6 +598,23 @@ mod tests {
 
     fn error_of(text: &str) -> String {
         Config::parse(text, "config/test.toml").expect_err("config should be refused").to_string()
+    }
+
+    #[test]
+    fn zstd_level_is_a_level_or_auto_by_link_speed() {
+        let config = Config::parse("[replication]\nzstd_level = 7\n", "c.toml").expect("config");
+        assert_eq!(config.replication.zstd_level, ZstdLevel::Level(7));
+        let config = Config::parse("[replication]\nzstd_level = \"auto\"\n", "c.toml").expect("config");
+        assert_eq!(config.replication.zstd_level, ZstdLevel::Auto);
+        assert_eq!(Config::parse("", "c.toml").expect("defaults").replication.zstd_level, ZstdLevel::Auto);
+        assert_eq!(ZstdLevel::Auto.resolve(1000), 1);
+        assert_eq!(ZstdLevel::Auto.resolve(200), 3);
+        assert_eq!(ZstdLevel::Auto.resolve(50), 6);
+        assert_eq!(ZstdLevel::Auto.resolve(20), 9);
+        assert_eq!(ZstdLevel::Auto.resolve(5), 12);
+        assert_eq!(ZstdLevel::Level(4).resolve(5), 4);
+        assert!(error_of("[replication]\nzstd_level = 25\n").contains("replication.zstd_level"));
+        assert!(error_of("[replication]\nzstd_level = \"fast\"\n").contains("auto"));
     }
 
     #[test]

@@ -156,7 +156,10 @@ impl Site {
                 rtt: config.replication.link_rtt,
                 congestion: config.replication.congestion.into(),
             },
-            session: SessionConfig { zstd_level: config.replication.zstd_level, ..SessionConfig::default() },
+            session: SessionConfig {
+                zstd_level: config.replication.zstd_level.resolve(config.replication.link_mbit_per_second),
+                ..SessionConfig::default()
+            },
         };
         let replication =
             Replication::start(engine.clone(), events.clone(), &data_dir, &config.site.name, repl_config)
