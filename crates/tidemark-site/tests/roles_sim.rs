@@ -52,7 +52,21 @@ impl SimSite {
 }
 
 fn open_engine(dir: &std::path::Path) -> Arc<Engine> {
-    let catalog = SledCatalog::open(&dir.join("catalog")).expect("catalog");
+    // sled's flusher thread outlives a dropped database for a moment and keeps its file lock;
+    // a real crash ends the process, here the same process reopens, so wait for the lock.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let catalog = loop {
+        match SledCatalog::open(&dir.join("catalog")) {
+            Ok(catalog) => break catalog,
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("catalog: {e}"),
+        }
+    };
     Engine::open_with(
         Box::new(catalog),
         Box::new(DirStorage(dir.to_path_buf())),
