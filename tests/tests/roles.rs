@@ -139,6 +139,8 @@ fn a_swap_under_a_workload_loses_no_acknowledged_write_and_resends_nothing() {
     wait_caught_up(&b);
     let sent = replication(&b)["bytes_sent_total"].as_u64().expect("bytes");
     assert!(sent < (1 << 20) + (64 << 10), "after a swap only new writes are sent ({sent} bytes)");
+    let r = replication(&b);
+    assert!(r["baseline"].is_null(), "no baseline or resync after a swap: {r}");
     let history = a.cli_json(&["history", "g"]);
     let changes = history["role_changes"].as_array().expect("role changes");
     assert_eq!(changes.last().map(|c| c["to"].clone()), Some("secondary".into()), "{history}");
@@ -207,6 +209,8 @@ fn takeover_after_the_primary_dies_then_failback_keeps_its_tail_and_sends_only_n
         sent as f64 <= 1.1 * written_since_fork as f64 + (256 << 10) as f64,
         "failback sent {sent} bytes for {written_since_fork} written since the fork"
     );
+    let r = replication(&b);
+    assert!(r["baseline"].is_null(), "failback needs no baseline or resync: {r}");
     b.cli_ok(&["image", "create", "g", "--at", "latest", "--name", "check"]);
     a.cli_ok(&["image", "create", "g", "--at", "latest", "--name", "check"]);
     assert_same(&a.uri("check/v"), &b.uri("check/v"));
