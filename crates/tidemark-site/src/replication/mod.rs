@@ -682,12 +682,18 @@ impl Replication {
                 let first = existing.is_none();
                 let mut dirty = match existing {
                     Some(d) => d,
-                    None => {
-                        let chain = handle.chain_at(acked).map_err(|e| e.to_string())?.ok_or_else(|| {
-                            format!("the journal no longer reaches the partner's seq {}", acked.0)
-                        })?;
-                        DirtyBlocks::new(acked.0, chain.0)
-                    }
+                    None => match handle.chain_at(acked).map_err(|e| e.to_string())? {
+                        Some(chain) => DirtyBlocks::new(acked.0, chain.0),
+                        None => {
+                            // The journal was trimmed past the partner before it was protected
+                            // (or it never acknowledged anything): it needs a full baseline
+                            // whatever happens, so there is nothing to keep for it.
+                            let last = handle.position().last_seq;
+                            self.engine.pin(group, PIN_HOLDER, Some(last));
+                            tracing::info!(%group, seq = last.0, "partner needs a full baseline; journal released");
+                            return Ok(());
+                        }
+                    },
                 };
                 // Everything after `through` is read off the index before the pin moves past it.
                 let through = handle.position().last_seq;
