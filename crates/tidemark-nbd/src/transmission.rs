@@ -61,6 +61,7 @@ where
         // Each descriptor is 8 bytes after a 4-byte context id, and no chunk may exceed the
         // advertised maximum payload.
         descriptors_max: BLOCK_STATUS_DESCRIPTORS_MAX.min((limits.payload_bytes_max as usize - 4) / 8),
+        buffers: BufferPool::new(limits.inflight_bytes_max),
     });
     let (read_half, write_half) = tokio::io::split(stream);
     let (sender, receiver) = mpsc::channel(limits.inflight_requests_max);
@@ -189,6 +190,39 @@ struct Connection {
     stats: Arc<NbdStats>,
     /// Most descriptors in one block-status reply.
     descriptors_max: usize,
+    /// Write payload buffers for reuse.
+    buffers: BufferPool,
+}
+
+/// Write payload buffers, reused: a fresh buffer of a large write costs the allocator a new
+/// mapping (glibc maps allocations over 128 KiB), a page fault and a zeroed page per 4 KiB, and
+/// an unmapping when it is freed, which profiles of 1 MiB writes showed as a tenth of the
+/// site's CPU. Holds at most `bytes_max` bytes of buffers (the connection's in-flight budget).
+struct BufferPool {
+    free: std::sync::Mutex<Vec<Vec<u8>>>,
+    bytes_max: usize,
+}
+
+impl BufferPool {
+    fn new(bytes_max: usize) -> BufferPool {
+        BufferPool { free: std::sync::Mutex::new(Vec::new()), bytes_max }
+    }
+
+    /// A buffer of exactly `len` bytes (contents unspecified: the caller overwrites them).
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut buf = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
+        buf.resize(len, 0);
+        buf
+    }
+
+    /// Return a buffer for reuse, unless the pool is full.
+    fn give(&self, buf: Vec<u8>) {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        let held: usize = free.iter().map(Vec::capacity).sum();
+        if held + buf.capacity() <= self.bytes_max {
+            free.push(buf);
+        }
+    }
 }
 
 impl Connection {
@@ -344,7 +378,7 @@ where
         };
         let mut payload = Vec::new();
         if let Command::Write { length, .. } = command {
-            payload.resize(length as usize, 0);
+            payload = connection.buffers.take(length as usize);
             // A shutdown abandons a payload still arriving: the write was never acknowledged.
             if unless_stopped(&mut stop, reader.read_exact(&mut payload)).await?.is_none() {
                 return Ok(());
@@ -372,6 +406,9 @@ where
                         (bytes, Err(error))
                     });
             connection.record(request.kind, &outcome, started);
+            if payload.capacity() > 0 {
+                connection.buffers.give(payload);
+            }
             let reply = Reply { bytes, _slot: slot, _payload: payload_permit };
             // A closed channel means the connection is gone and the reply has nowhere to go.
             let _ = replies.blocking_send(reply);
