@@ -273,3 +273,35 @@ pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// `group show GROUP`'s `replication` at `site`.
+pub fn replication(site: &Site, group: &str) -> serde_json::Value {
+    site.cli_json(&["group", "show", group])["replication"].clone()
+}
+
+/// Wait until `primary` reports `group` streaming with no lag.
+pub fn wait_caught_up(primary: &Site, group: &str, deadline: Duration) {
+    wait_for("replication to catch up (lag_records 0)", deadline, || {
+        let r = replication(primary, group);
+        r["lag_records"] == 0 && r["state"] == "streaming"
+    });
+}
+
+/// `qemu-img compare` of `primary`'s `volume` with a fresh read-only image (named `image`) of
+/// `secondary`'s newest point of `group`.
+pub fn assert_replica_identical(primary: &Site, secondary: &Site, group: &str, volume: &str, image: &str) {
+    secondary.cli_ok(&["image", "create", group, "--at", "latest", "--name", image]);
+    run_ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            &primary.uri(volume),
+            &secondary.uri(&format!("{image}/{volume}")),
+        ],
+    );
+    secondary.cli_ok(&["image", "delete", image]);
+}

@@ -4,26 +4,11 @@
 
 use std::time::Duration;
 
-use tidemark_tests::{pseudo_random, run_ok, wait_for, Site};
+use tidemark_tests::{
+    assert_replica_identical, pseudo_random, replication, run_ok, wait_caught_up, wait_for, Site,
+};
 
 const CATCH_UP: Duration = Duration::from_secs(180);
-
-fn replication(site: &Site) -> serde_json::Value {
-    site.cli_json(&["group", "show", "g"])["replication"].clone()
-}
-
-fn wait_caught_up(a: &Site) {
-    wait_for("replication to catch up (lag_records 0)", CATCH_UP, || {
-        let r = replication(a);
-        r["lag_records"] == 0 && r["state"] == "streaming"
-    });
-}
-
-fn assert_identical(a: &Site, b: &Site, image: &str) {
-    b.cli_ok(&["image", "create", "g", "--at", "latest", "--name", image]);
-    run_ok("qemu-img", &["compare", "-f", "raw", "-F", "raw", &a.uri("v"), &b.uri(&format!("{image}/v"))]);
-    b.cli_ok(&["image", "delete", image]);
-}
 
 /// Write `mib` MiB of incompressible data at `offset_mib`, `rounds` times over (new data each
 /// time): the journal grows by `rounds * mib`, the changed blocks stay `mib`.
@@ -50,29 +35,29 @@ fn protected(dir: &tempfile::TempDir, policy: &str) -> (Site, Site) {
 fn resync_sends_only_the_blocks_changed_while_the_partner_was_away() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (a, mut b) = protected(&dir, "resync");
-    assert_eq!(replication(&a)["overflow"]["policy"], "resync");
+    assert_eq!(replication(&a, "g")["overflow"]["policy"], "resync");
     b.kill9();
     // 1 MiB of data zeroed (the resync must carry zeroes too), then 4 MiB of blocks rewritten
     // 8 times: 32 MiB of journal, twice the limit, for 5 MiB of changed blocks.
     run_ok("qemu-io", &["-f", "raw", "-c", "write -z 6M 1M", &a.uri("v")]);
     rewrite(&dir, &a, 0, 4, 8);
-    wait_for("resync tracking to start", CATCH_UP, || replication(&a)["overflow"]["tracking"] == true);
+    wait_for("resync tracking to start", CATCH_UP, || replication(&a, "g")["overflow"]["tracking"] == true);
     wait_for("the journal to trim past the partner", CATCH_UP, || {
-        let acked = replication(&a)["acked_seq"].as_u64().unwrap_or(0);
+        let acked = replication(&a, "g")["acked_seq"].as_u64().unwrap_or(0);
         a.cli_json(&["history", "g"])["oldest"]["seq"].as_u64().is_some_and(|s| s > acked + 1)
     });
     wait_for("the 5 changed MiB to be tracked", CATCH_UP, || {
-        replication(&a)["overflow"]["dirty_bytes"] == 5 << 20
+        replication(&a, "g")["overflow"]["dirty_bytes"] == 5 << 20
     });
     let events = a.cli_ok(&["events", "--json"]);
     assert!(events.contains("replication.overflow"), "{events}");
 
     // Counted from here: batches sent into the dead connection before it timed out count too.
-    let before = replication(&a)["bytes_sent_total"].as_u64().expect("bytes");
+    let before = replication(&a, "g")["bytes_sent_total"].as_u64().expect("bytes");
     b.restart();
-    wait_caught_up(&a);
-    assert_identical(&a, &b, "resynced");
-    let r = replication(&a);
+    wait_caught_up(&a, "g", CATCH_UP);
+    assert_replica_identical(&a, &b, "g", "v", "resynced");
+    let r = replication(&a, "g");
     let resync = r["bytes_sent_total"].as_u64().expect("bytes") - before;
     eprintln!("resync: {resync} bytes sent for 5 MiB of changed blocks (33 MiB written)");
     assert!(
@@ -85,8 +70,8 @@ fn resync_sends_only_the_blocks_changed_while_the_partner_was_away() {
 
     // Streaming goes on after the resync.
     rewrite(&dir, &a, 32, 2, 1);
-    wait_caught_up(&a);
-    assert_identical(&a, &b, "after");
+    wait_caught_up(&a, "g", CATCH_UP);
+    assert_replica_identical(&a, &b, "g", "v", "after");
 }
 
 #[test]
@@ -96,15 +81,15 @@ fn throttle_slows_writes_while_the_partner_is_away_and_loses_nothing() {
     b.kill9();
     rewrite(&dir, &a, 0, 4, 5);
     wait_for("writes to be throttled", CATCH_UP, || {
-        replication(&a)["overflow"]["write_delay_ms"].as_f64().is_some_and(|d| d > 0.0)
+        replication(&a, "g")["overflow"]["write_delay_ms"].as_f64().is_some_and(|d| d > 0.0)
     });
     let events = a.cli_ok(&["events", "--json"]);
     assert!(events.contains("policy throttle"), "{events}");
     // Nothing was trimmed past the partner: it resumes from the journal, no baseline.
     b.restart();
-    wait_caught_up(&a);
-    assert_identical(&a, &b, "throttled");
-    let r = replication(&a);
+    wait_caught_up(&a, "g", CATCH_UP);
+    assert_replica_identical(&a, &b, "g", "v", "throttled");
+    let r = replication(&a, "g");
     assert!(r["baseline"].is_null(), "no baseline, the journal had everything: {r}");
-    wait_for("the throttle to lift", CATCH_UP, || replication(&a)["overflow"]["write_delay_ms"] == 0.0);
+    wait_for("the throttle to lift", CATCH_UP, || replication(&a, "g")["overflow"]["write_delay_ms"] == 0.0);
 }

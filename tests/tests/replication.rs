@@ -4,31 +4,15 @@
 
 use std::time::Duration;
 
-use tidemark_tests::{pseudo_random, run_ok, wait_for, Site};
+use tidemark_tests::{
+    assert_replica_identical, pseudo_random, replication, run_ok, wait_caught_up, wait_for, Site,
+};
 
 /// How long replication may take to catch up in these tests.
 const CATCH_UP: Duration = Duration::from_secs(180);
 
 fn pair(dir: &tempfile::TempDir) -> (Site, Site) {
     tidemark_tests::paired_sites(dir.path())
-}
-
-fn replication(site: &Site) -> serde_json::Value {
-    site.cli_json(&["group", "show", "g"])["replication"].clone()
-}
-
-fn wait_caught_up(a: &Site) {
-    wait_for("replication to catch up (lag_records 0)", CATCH_UP, || {
-        let r = replication(a);
-        r["lag_records"] == 0 && r["state"] == "streaming"
-    });
-}
-
-/// Compare the primary's volume with a fresh read-only image of the secondary's newest point.
-fn assert_identical(a: &Site, b: &Site, image: &str) {
-    b.cli_ok(&["image", "create", "g", "--at", "latest", "--name", image]);
-    run_ok("qemu-img", &["compare", "-f", "raw", "-F", "raw", &a.uri("v"), &b.uri(&format!("{image}/v"))]);
-    b.cli_ok(&["image", "delete", image]);
 }
 
 fn mixed_image(dir: &tempfile::TempDir, name: &str, mib: usize, seed: u64) -> String {
@@ -60,12 +44,12 @@ fn a_protected_group_replicates_and_resumes_after_either_site_restarts() {
     a.cli_ok(&["group", "protect", "g", "--partner", "b"]);
     let src = mixed_image(&dir, "src.raw", 256, 1);
     run_ok("qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", &src, &a.uri("v")]);
-    wait_caught_up(&a);
+    wait_caught_up(&a, "g", CATCH_UP);
     let g = b.cli_json(&["group", "show", "g"]);
     assert_eq!(g["role"], "secondary", "{g}");
     assert_eq!(a.cli_json(&["group", "show", "g"])["role"], "primary");
-    assert_identical(&a, &b, "check1");
-    let r = replication(&a);
+    assert_replica_identical(&a, &b, "g", "v", "check1");
+    let r = replication(&a, "g");
     let raw = r["bytes_sent_total"].as_u64().expect("bytes");
     let compressed = r["bytes_sent_compressed_total"].as_u64().expect("bytes");
     assert!(compressed < raw, "compressible data compresses: {compressed} of {raw}");
@@ -85,9 +69,9 @@ fn a_protected_group_replicates_and_resumes_after_either_site_restarts() {
     b.kill9();
     writer.join().expect("writer");
     b.restart();
-    wait_caught_up(&a);
-    assert_identical(&a, &b, "check2");
-    let after_b = replication(&a)["bytes_sent_total"].as_u64().expect("bytes");
+    wait_caught_up(&a, "g", CATCH_UP);
+    assert_replica_identical(&a, &b, "g", "v", "check2");
+    let after_b = replication(&a, "g")["bytes_sent_total"].as_u64().expect("bytes");
     assert!(
         after_b - raw < 2 * (64 << 20),
         "resumed after a secondary restart: {} bytes more",
@@ -105,8 +89,8 @@ fn a_protected_group_replicates_and_resumes_after_either_site_restarts() {
     a.kill9();
     let _ = writer.join();
     a.restart();
-    wait_caught_up(&a);
-    assert_identical(&a, &b, "check3");
+    wait_caught_up(&a, "g", CATCH_UP);
+    assert_replica_identical(&a, &b, "g", "v", "check3");
 }
 
 #[test]
@@ -123,9 +107,9 @@ fn a_partner_with_the_wrong_fingerprint_is_refused_and_nothing_else_stops() {
     a.cli_ok(&["volume", "create", "v", "--size", "16MiB", "--group", "g"]);
     a.cli_ok(&["group", "protect", "g", "--partner", "b"]);
     wait_for("the refusal to be reported", Duration::from_secs(30), || {
-        replication(&a)["last_error"].as_str().is_some_and(|e| e.contains("fingerprint"))
+        replication(&a, "g")["last_error"].as_str().is_some_and(|e| e.contains("fingerprint"))
     });
-    assert_ne!(replication(&a)["state"], "streaming");
+    assert_ne!(replication(&a, "g")["state"], "streaming");
     assert!(b.cli(&["group", "show", "g"]).status.code() != Some(0), "b must not have received the group");
     // Both sites keep serving.
     run_ok("qemu-io", &["-f", "raw", "-c", "write -P 1 0 4k", "-c", "read -P 1 0 4k", &a.uri("v")]);
@@ -155,9 +139,9 @@ fn initial_sync_of_a_sparse_volume_sends_about_the_allocated_bytes() {
     run_ok("qemu-io", &args);
     let allocated = 103u64 << 20;
     a.cli_ok(&["group", "protect", "g", "--partner", "b"]);
-    wait_caught_up(&a);
-    assert_identical(&a, &b, "sync");
-    let sent = replication(&a)["bytes_sent_total"].as_u64().expect("bytes");
+    wait_caught_up(&a, "g", CATCH_UP);
+    assert_replica_identical(&a, &b, "g", "v", "sync");
+    let sent = replication(&a, "g")["bytes_sent_total"].as_u64().expect("bytes");
     eprintln!(
         "initial sync: {sent} bytes sent for {allocated} bytes allocated ({:.3}x)",
         sent as f64 / allocated as f64
@@ -180,8 +164,8 @@ fn a_partner_behind_the_trimmed_journal_gets_a_baseline_then_streams() {
     // --wait returns once the baseline is in and the journal after it has caught up.
     let done = a.cli_ok(&["group", "protect", "g", "--partner", "b", "--wait"]);
     assert!(done.contains("caught up"), "{done}");
-    assert_identical(&a, &b, "baseline");
-    let r = replication(&a);
+    assert_replica_identical(&a, &b, "g", "v", "baseline");
+    let r = replication(&a, "g");
     assert_eq!(r["baseline"]["completed_total"], 1, "one baseline: {r}");
     // Allocated data is sent, zero blocks are not: the mixed image holds 64 MiB of which a
     // quarter is holes and a quarter mostly zeroes.
@@ -194,10 +178,10 @@ fn a_partner_behind_the_trimmed_journal_gets_a_baseline_then_streams() {
     // The journal continues after the baseline, and the switched copy survives a restart.
     let more = mixed_image(&dir, "more.raw", 8, 4);
     run_ok("qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", &more, &a.uri("v")]);
-    wait_caught_up(&a);
+    wait_caught_up(&a, "g", CATCH_UP);
     b.kill9();
     b.restart();
-    wait_caught_up(&a);
-    assert_identical(&a, &b, "after");
-    assert_eq!(replication(&a)["baseline"]["completed_total"], 1, "no second baseline");
+    wait_caught_up(&a, "g", CATCH_UP);
+    assert_replica_identical(&a, &b, "g", "v", "after");
+    assert_eq!(replication(&a, "g")["baseline"]["completed_total"], 1, "no second baseline");
 }

@@ -562,22 +562,27 @@ fn rollback(api: &ApiClient, json: bool, args: &RollbackArgs) -> Result<()> {
     }
 }
 
+/// A byte progress bar with `message` on a terminal; hidden otherwise.
+fn progress_bar(message: String) -> Result<ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return Ok(ProgressBar::hidden());
+    }
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {bytes}/{total_bytes} ({eta})")
+            .context("build progress bar style")?
+            .progress_chars("=> "),
+    );
+    bar.set_message(message);
+    bar.enable_steady_tick(Duration::from_millis(100));
+    Ok(bar)
+}
+
 /// Poll a group until its partner has caught up (streaming, no lag), showing the baseline's
 /// progress, then the lag, on a terminal. Stops with an error when replication stops for good
 /// (diverged, fenced) or the group is paused; Ctrl-C stops waiting, not replicating.
 fn wait_for_sync(api: &ApiClient, group: &str) -> Result<Value> {
-    let bar = if std::io::stderr().is_terminal() {
-        let bar = ProgressBar::new(0);
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {bytes}/{total_bytes} ({eta})")
-                .context("build progress bar style")?
-                .progress_chars("=> "),
-        );
-        bar.enable_steady_tick(Duration::from_millis(100));
-        bar
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = progress_bar(format!("{group}: connecting"))?;
     let path = format!("/v1/groups/{}", segment(group));
     loop {
         let g = api.get(&path)?;
@@ -607,19 +612,7 @@ fn wait_for_sync(api: &ApiClient, group: &str) -> Result<Value> {
 
 /// Poll a job until it is no longer running, showing progress on a terminal.
 fn wait_for_job(api: &ApiClient, job: u64, group: &str) -> Result<Value> {
-    let bar = if std::io::stderr().is_terminal() {
-        let bar = ProgressBar::new(0);
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {bytes}/{total_bytes} ({eta})")
-                .context("build progress bar style")?
-                .progress_chars("=> "),
-        );
-        bar.set_message(format!("rolling back {group}"));
-        bar.enable_steady_tick(Duration::from_millis(100));
-        bar
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = progress_bar(format!("rolling back {group}"))?;
     let path = format!("/v1/jobs/{job}");
     let mut failures = 0;
     let started = Instant::now();

@@ -137,6 +137,17 @@ impl Message {
     }
 }
 
+/// Decompress `payload` to exactly `raw_bytes` (the caller bounds it) and check its blake3
+/// hash: `Ok(None)` when the hash does not match.
+fn decompress_checked(payload: &[u8], raw_bytes: u64, hash: &[u8; 32]) -> Result<Option<Vec<u8>>, WireError> {
+    let raw = zstd::bulk::decompress(payload, raw_bytes as usize)
+        .map_err(|e| WireError::Decompress(e.to_string()))?;
+    if raw.len() as u64 != raw_bytes {
+        return Err(WireError::Decompress(format!("{} bytes, {raw_bytes} claimed", raw.len())));
+    }
+    Ok((blake3::hash(&raw).as_bytes() == hash).then_some(raw))
+}
+
 /// A volume as a baseline describes it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BaselineVolume {
@@ -212,15 +223,8 @@ impl BaselineChunk {
         if self.raw_bytes > BASELINE_CHUNK_BYTES_MAX {
             return Err(WireError::Oversized { bytes: self.raw_bytes });
         }
-        let raw = zstd::bulk::decompress(&self.payload, self.raw_bytes as usize)
-            .map_err(|e| WireError::Decompress(e.to_string()))?;
-        if raw.len() as u64 != self.raw_bytes {
-            return Err(WireError::Decompress(format!("{} bytes, {} claimed", raw.len(), self.raw_bytes)));
-        }
-        if blake3::hash(&raw).as_bytes() != &self.content_hash {
-            return Err(WireError::ChunkHashMismatch { volume: self.volume, offset: self.offset });
-        }
-        Ok(raw)
+        decompress_checked(&self.payload, self.raw_bytes, &self.content_hash)?
+            .ok_or(WireError::ChunkHashMismatch { volume: self.volume, offset: self.offset })
     }
 }
 
@@ -319,14 +323,8 @@ impl BatchFrame {
         if self.raw_bytes > BATCH_RAW_BYTES_MAX || self.last_seq < self.first_seq {
             return Err(WireError::Oversized { bytes: self.raw_bytes });
         }
-        let raw = zstd::bulk::decompress(&self.payload, self.raw_bytes as usize)
-            .map_err(|e| WireError::Decompress(e.to_string()))?;
-        if raw.len() as u64 != self.raw_bytes {
-            return Err(WireError::Decompress(format!("{} bytes, {} claimed", raw.len(), self.raw_bytes)));
-        }
-        if blake3::hash(&raw).as_bytes() != &self.content_hash {
-            return Err(WireError::HashMismatch { first: self.first_seq.0, last: self.last_seq.0 });
-        }
+        let raw = decompress_checked(&self.payload, self.raw_bytes, &self.content_hash)?
+            .ok_or(WireError::HashMismatch { first: self.first_seq.0, last: self.last_seq.0 })?;
         let bad = |seq: u64, reason: String| WireError::BadRecord {
             first: self.first_seq.0,
             last: self.last_seq.0,
