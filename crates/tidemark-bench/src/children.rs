@@ -117,6 +117,27 @@ impl Guarded {
         Ok(status)
     }
 
+    /// Wait for it to exit and collect what it wrote to piped stdout and stderr.
+    pub fn wait_with_output(mut self) -> Result<std::process::Output> {
+        use std::io::Read as _;
+        let stdout = self.child.stdout.take();
+        let reader = std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut out) = stdout {
+                // A read error leaves what was read; the exit status tells the story.
+                let _ = out.read_to_end(&mut bytes);
+            }
+            bytes
+        });
+        let mut stderr = Vec::new();
+        if let Some(mut err) = self.child.stderr.take() {
+            let _ = err.read_to_end(&mut stderr);
+        }
+        let status = self.wait()?;
+        let stdout = reader.join().unwrap_or_default();
+        Ok(std::process::Output { status, stdout, stderr })
+    }
+
     /// Send `signal` and wait at most `deadline` for it to exit.
     pub fn signal_and_wait(&mut self, signal: Signal, deadline: Duration) -> Result<ExitStatus> {
         if let Some(status) = self.try_wait()? {

@@ -29,6 +29,8 @@ pub enum Pattern {
     RandWrite,
     /// Random reads.
     RandRead,
+    /// Random reads and writes mixed, this percentage of them reads (fio's `rwmixread`).
+    RandRw(u32),
 }
 
 impl Pattern {
@@ -37,14 +39,22 @@ impl Pattern {
             Pattern::SeqWrite => "write",
             Pattern::RandWrite => "randwrite",
             Pattern::RandRead => "randread",
+            Pattern::RandRw(_) => "randrw",
         }
     }
 
-    fn direction(self) -> &'static str {
+    /// The directions of fio's JSON whose figures the job's result adds up.
+    fn directions(self) -> &'static [&'static str] {
         match self {
-            Pattern::SeqWrite | Pattern::RandWrite => "write",
-            Pattern::RandRead => "read",
+            Pattern::SeqWrite | Pattern::RandWrite => &["write"],
+            Pattern::RandRead => &["read"],
+            Pattern::RandRw(_) => &["read", "write"],
         }
+    }
+
+    /// Whether the job writes.
+    pub fn writes(self) -> bool {
+        !matches!(self, Pattern::RandRead)
     }
 }
 
@@ -65,6 +75,9 @@ pub struct Job {
     pub offset_bytes: u64,
     /// Run for this long, going over the region as often as it takes; `None` = once over it.
     pub runtime_seconds: Option<u64>,
+    /// Send a flush (NBD_CMD_FLUSH: fio's nbd engine turns its sync into one) after every this
+    /// many writes (fio's `--fsync`); `None` = never.
+    pub fsync_every: Option<u32>,
 }
 
 /// What a job measured.
@@ -97,7 +110,16 @@ impl Job {
             format!("--offset={}", fio_size(self.offset_bytes)),
             format!("--size={}", fio_size(self.region_bytes)),
             "--randrepeat=1".to_string(),
+            // Jobs as threads: fio's forked job processes make themselves group leaders and
+            // would survive a kill of the process fio was started as.
+            "--thread".to_string(),
         ];
+        if let Pattern::RandRw(read_percent) = self.pattern {
+            args.push(format!("--rwmixread={read_percent}"));
+        }
+        if let Some(writes) = self.fsync_every {
+            args.push(format!("--fsync={writes}"));
+        }
         if let Some(seconds) = self.runtime_seconds {
             args.push("--time_based".to_string());
             args.push(format!("--runtime={seconds}s"));
@@ -132,7 +154,7 @@ impl Job {
         }
         let text =
             std::fs::read_to_string(&json_path).with_context(|| format!("read {}", json_path.display()))?;
-        parse(&text, self.pattern.direction())
+        parse(&text, self.pattern.directions())
             .with_context(|| format!("parse fio's result for job {} ({})", self.name, json_path.display()))
     }
 
@@ -170,8 +192,9 @@ fn wait_with_deadline(child: &mut Guarded, deadline: Duration) -> Result<std::pr
     }
 }
 
-/// Read the figures of direction `dir` (`read` or `write`) of the first job in fio's JSON.
-fn parse(text: &str, dir: &str) -> Result<Outcome> {
+/// Read the figures of the first job in fio's JSON, added up over `dirs` (`read`, `write`);
+/// the latencies are those of the slower direction.
+fn parse(text: &str, dirs: &[&str]) -> Result<Outcome> {
     // fio may print notes before the JSON even with --output; start at the first brace.
     let start = text.find('{').context("no JSON object in fio's output")?;
     let json: Value = serde_json::from_str(text.get(start..).unwrap_or_default()).context("invalid JSON")?;
@@ -180,31 +203,40 @@ fn parse(text: &str, dir: &str) -> Result<Outcome> {
     if error != 0 {
         bail!("fio reports error {error}");
     }
-    let io = job.get(dir).with_context(|| format!("no {dir} section"))?;
-    let number = |v: &Value, key: &str| -> Result<f64> {
-        v.get(key).and_then(Value::as_f64).with_context(|| format!("no number {dir}.{key}"))
+    let mut total = Outcome {
+        bytes: 0,
+        bytes_per_second: 0.0,
+        iops: 0.0,
+        seconds: 0.0,
+        clat_p50_us: 0.0,
+        clat_p99_us: 0.0,
     };
-    let percentile = |p: &str| -> Result<f64> {
-        let ns = io
-            .get("clat_ns")
-            .and_then(|c| c.get("percentile"))
-            .and_then(|c| c.get(p))
-            .and_then(Value::as_f64)
-            .with_context(|| format!("no {dir}.clat_ns.percentile.{p}"))?;
-        Ok(ns / 1000.0)
-    };
-    let bytes = io.get("io_bytes").and_then(Value::as_u64).context("no io_bytes")?;
-    if bytes == 0 {
-        bail!("the job moved no bytes");
+    for dir in dirs {
+        let io = job.get(dir).with_context(|| format!("no {dir} section"))?;
+        let number = |v: &Value, key: &str| -> Result<f64> {
+            v.get(key).and_then(Value::as_f64).with_context(|| format!("no number {dir}.{key}"))
+        };
+        let percentile = |p: &str| -> Result<f64> {
+            let ns = io
+                .get("clat_ns")
+                .and_then(|c| c.get("percentile"))
+                .and_then(|c| c.get(p))
+                .and_then(Value::as_f64)
+                .with_context(|| format!("no {dir}.clat_ns.percentile.{p}"))?;
+            Ok(ns / 1000.0)
+        };
+        let bytes = io.get("io_bytes").and_then(Value::as_u64).context("no io_bytes")?;
+        if bytes == 0 {
+            bail!("the job moved no bytes ({dir})");
+        }
+        total.bytes += bytes;
+        total.bytes_per_second += number(io, "bw_bytes")?;
+        total.iops += number(io, "iops")?;
+        total.seconds = total.seconds.max(number(io, "runtime")? / 1000.0);
+        total.clat_p50_us = total.clat_p50_us.max(percentile("50.000000")?);
+        total.clat_p99_us = total.clat_p99_us.max(percentile("99.000000")?);
     }
-    Ok(Outcome {
-        bytes,
-        bytes_per_second: number(io, "bw_bytes")?,
-        iops: number(io, "iops")?,
-        seconds: number(io, "runtime")? / 1000.0,
-        clat_p50_us: percentile("50.000000")?,
-        clat_p99_us: percentile("99.000000")?,
-    })
+    Ok(total)
 }
 
 #[cfg(test)]
@@ -225,11 +257,12 @@ mod tests {
         let text = r#"fio: connected to NBD server
 {"jobs": [{"error": 0, "write": {"io_bytes": 8192, "bw_bytes": 4096.0, "iops": 1.0, "runtime": 2000,
  "clat_ns": {"percentile": {"50.000000": 1500, "99.000000": 9000}}}}]}"#;
-        let out = parse(text, "write").expect("parse");
+        let out = parse(text, &["write"]).expect("parse");
         assert_eq!(out.bytes, 8192);
         assert_eq!(out.seconds, 2.0);
         assert_eq!(out.clat_p50_us, 1.5);
         assert_eq!(out.clat_p99_us, 9.0);
-        assert!(parse(text, "read").is_err());
+        assert!(parse(text, &["read"]).is_err());
+        assert!(parse(text, &["read", "write"]).is_err());
     }
 }

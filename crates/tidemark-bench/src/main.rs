@@ -1,11 +1,14 @@
-//! `tidemark-bench`: measures a real Tidemark site on this machine and reports, never asserts.
+//! `tidemark-bench`: measures real Tidemark sites on this machine and reports, never asserts.
 //!
-//! `host-io` runs three sections: host I/O through fio's nbd engine against Tidemark and
-//! against qemu-nbd on the same filesystem (ratios of medians against targets), index memory
-//! per journaled block, and start-up time with a large journal. It builds the release binary
-//! first (`cargo build --release -p tidemark-cli`, a no-op when it is current), installs fio
-//! and qemu-utils with apt-get when they are missing, prints one line per figure, and with
-//! `--out` writes the Markdown report (docs/benchmarks.md).
+//! Sets: `host-io` (host I/O through fio's nbd engine against Tidemark, a protected Tidemark
+//! group, qemu-nbd and nbdkit; index memory; start-up time), `roles` (swap, takeover,
+//! failback), `wan` (replication through simnet), `recovery` (rollback time against volume
+//! size) and `resources` (CPU per replicated GiB by zstd level, resident memory), or `all`. It
+//! builds the release binaries first (a no-op when they are current), installs the tools it
+//! needs with apt-get when they are missing (failing with the tool's name when it cannot),
+//! prints one line per figure, and with `--out` writes the Markdown report (docs/benchmarks.md):
+//! `host-io` writes the file's head and keeps the other sets' sections, each other set replaces
+//! its own section between markers.
 
 mod children;
 mod fio;
@@ -13,7 +16,9 @@ mod host_io;
 mod memory;
 mod pair;
 mod procfs;
+mod recovery;
 mod report;
+mod resources;
 mod roles;
 mod startup;
 mod stats;
@@ -33,39 +38,72 @@ const RUNS_DEFAULT: usize = 5;
 const RUNS_QUICK: usize = 1;
 /// Length of each measured host I/O job, in seconds.
 const JOB_SECONDS: u64 = 20;
-const JOB_SECONDS_QUICK: u64 = 5;
+const JOB_SECONDS_QUICK: u64 = 2;
 /// Bytes of the export the host I/O jobs touch.
 const REGION_BYTES: u64 = 4 << 30;
-const REGION_BYTES_QUICK: u64 = 1 << 30;
+const REGION_BYTES_QUICK: u64 = 256 << 20;
 /// Size of the volume and of qemu-nbd's raw file, in bytes.
 const VOLUME_BYTES: u64 = 8 << 30;
 /// Distinct 4 KiB blocks written by the index memory test.
 const MEMORY_BLOCKS: u64 = 262_144;
-const MEMORY_BLOCKS_QUICK: u64 = 65_536;
+const MEMORY_BLOCKS_QUICK: u64 = 32_768;
 /// Journal written before the start-up timings, in bytes.
 const STARTUP_JOURNAL_BYTES: u64 = 10 << 30;
-const STARTUP_JOURNAL_BYTES_QUICK: u64 = 1 << 30;
+const STARTUP_JOURNAL_BYTES_QUICK: u64 = 256 << 20;
 /// 4 KiB random writes before each `kill -9`, in bytes.
 const STARTUP_TAIL_BYTES: u64 = 64 << 20;
 const STARTUP_TAIL_BYTES_QUICK: u64 = 16 << 20;
 /// Timed starts per start-up case.
 const STARTUP_TRIALS: usize = 3;
+const STARTUP_TRIALS_QUICK: usize = 1;
+/// Runs of the sets other than host-io (trials, rollbacks, replications per level).
+const SET_RUNS_DEFAULT: usize = 3;
+/// Volume sizes of the rollback test, and the changes rolled back, in bytes.
+const RECOVERY_VOLUME_BYTES: [u64; 2] = [16 << 30, 64 << 30];
+const RECOVERY_VOLUME_BYTES_QUICK: [u64; 2] = [1 << 30, 4 << 30];
+const RECOVERY_CHANGE_BYTES: u64 = 1 << 30;
+const RECOVERY_CHANGE_BYTES_QUICK: u64 = 128 << 20;
+/// zstd levels of the CPU test, and the bytes replicated per run.
+const ZSTD_LEVELS: [u32; 6] = [1, 3, 6, 9, 12, 19];
+const ZSTD_LEVELS_QUICK: [u32; 2] = [1, 19];
+const ZSTD_REPLICATED_BYTES: u64 = 256 << 20;
+const ZSTD_REPLICATED_BYTES_QUICK: u64 = 32 << 20;
+/// Logical size of the resident-memory test's volumes, its volume count and its journal.
+const RESIDENT_LOGICAL_BYTES: u64 = 1 << 40;
+const RESIDENT_VOLUMES: u64 = 4;
+const RESIDENT_JOURNAL_BYTES: u64 = 10 << 30;
+const RESIDENT_JOURNAL_BYTES_QUICK: u64 = 256 << 20;
 /// Tools the benchmark runs, with the Debian package that has each.
-const TOOLS: [(&str, &str); 3] = [("fio", "fio"), ("qemu-nbd", "qemu-utils"), ("qemu-img", "qemu-utils")];
+const TOOLS: [(&str, &str); 5] = [
+    ("fio", "fio"),
+    ("qemu-nbd", "qemu-utils"),
+    ("qemu-img", "qemu-utils"),
+    ("qemu-io", "qemu-utils"),
+    ("nbdkit", "nbdkit"),
+];
 
-/// Measure Tidemark against qemu-nbd with the same fio client, and its index memory and
-/// start-up time; prints one line per figure and optionally writes a Markdown report.
+/// Measure Tidemark sites on this machine with real clients (fio, qemu-io, dd) against
+/// qemu-nbd and nbdkit; prints one line per figure and optionally writes a Markdown report.
 #[derive(Parser, Debug)]
 #[command(name = "tidemark-bench", about, max_term_width = 100)]
 struct Cli {
-    /// Which benchmarks: `host-io` (host I/O, index memory, start-up) or `all` (the same, for now).
+    /// Which benchmarks (`all` runs every set and writes one report).
     set: Set,
-    /// Short runs (5 s jobs, 1 GiB region and journal, 1 run) that finish in a few minutes.
+    /// Short runs with small sizes and one run each, for a regression check in under five
+    /// minutes; the report is written only with --out.
     #[arg(long)]
     quick: bool,
-    /// Runs per target in the host I/O section [default: 5, or 1 with --quick].
+    /// Runs per target in host-io [default: 5], and runs of the other sets [default: 3]
+    /// (1 each with --quick).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100))]
     runs: Option<u64>,
+    /// Length of each host I/O job, in seconds [default: 20, or 2 with --quick].
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=600))]
+    seconds: Option<u64>,
+    /// A sentence for the report about the conditions of the run (e.g. that the machine was
+    /// shared).
+    #[arg(long, value_name = "TEXT")]
+    note: Option<String>,
     /// Write the Markdown report here (e.g. docs/benchmarks.md).
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
@@ -78,11 +116,28 @@ enum Set {
     HostIo,
     /// Swap and takeover times between two sites (its own section of the report).
     Roles,
-    /// Replication goodput and RPO through simnet's link profiles, and the cost of protection
-    /// on host writes (its own section of the report).
+    /// Replication goodput and RPO through simnet's link profiles (its own section).
     Wan,
-    /// Every benchmark.
+    /// Rollback time on a small and a large volume against dd (its own section).
+    Recovery,
+    /// CPU per replicated GiB by zstd level, resident memory with 1 TiB of volumes (its own
+    /// section).
+    Resources,
+    /// Every set, in the order above, into one report.
     All,
+}
+
+impl Set {
+    fn name(self) -> &'static str {
+        match self {
+            Set::HostIo => "host-io",
+            Set::Roles => "roles",
+            Set::Wan => "wan",
+            Set::Recovery => "recovery",
+            Set::Resources => "resources",
+            Set::All => "all",
+        }
+    }
 }
 
 /// Everything one invocation measured, with how it was run.
@@ -101,6 +156,8 @@ pub struct Results {
     pub source: String,
     /// /proc/loadavg when the run started.
     pub load_average: String,
+    /// The operator's note about the run's conditions.
+    pub note: Option<String>,
     /// Host I/O.
     pub host_io: host_io::Report,
     /// Index memory.
@@ -133,104 +190,210 @@ fn run(cli: &Cli) -> Result<()> {
     let root = workspace_root()?;
     ensure_tools()?;
     let binary = build_tidemark(&root)?;
+    let sets: Vec<Set> = match cli.set {
+        Set::All => vec![Set::HostIo, Set::Roles, Set::Wan, Set::Recovery, Set::Resources],
+        set => vec![set],
+    };
+    let simnet = if sets.iter().any(|s| matches!(s, Set::Roles | Set::Wan)) {
+        Some(build_simnet(&root)?)
+    } else {
+        None
+    };
 
-    let scratch_parent = root.join("target").join("bench-tmp");
-    std::fs::create_dir_all(&scratch_parent)
-        .with_context(|| format!("create scratch directory {}", scratch_parent.display()))?;
+    // Scratch data lives under the system's temporary directory and is removed at the end,
+    // or by the signal handler when the run is interrupted.
     let scratch = tempfile::Builder::new()
-        .prefix("run-")
-        .tempdir_in(&scratch_parent)
-        .with_context(|| format!("create a scratch directory in {}", scratch_parent.display()))?;
+        .prefix("tidemark-bench-")
+        .tempdir_in(std::env::temp_dir())
+        .context("create a scratch directory in the temporary directory")?;
     children::register_scratch(scratch.path().to_path_buf());
     let machine = procfs::machine(scratch.path())?;
     let source = source_revision(&root);
     let load_average = std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_string();
-    if matches!(cli.set, Set::Roles | Set::Wan) {
-        let context = format!(
-            "Generated by `{}` at {} from {} ({} CPUs), load average {load_average}.",
-            command_line(cli),
-            humantime::format_rfc3339_seconds(started),
-            source,
-            machine.cpus
-        );
-        let simnet = build_simnet(&root)?;
-        let (section, begin, end) = if cli.set == Set::Roles {
-            let trials = cli.runs.map_or(if cli.quick { 1 } else { 3 }, |n| n as usize);
-            let report = roles::run(trials, &binary, &simnet, &["wan"], scratch.path())?;
-            (roles::markdown(&report, &context), report::ROLES_BEGIN, report::ROLES_END)
-        } else {
-            let config = wan::Config {
-                profiles: if cli.quick {
-                    vec!["wan".into()]
-                } else {
-                    ["metro", "wan", "intercontinental", "satellite", "flapping"].map(String::from).to_vec()
-                },
-                backlog_link_seconds: if cli.quick { 5 } else { 20 },
-                load_seconds: if cli.quick { 10 } else { 20 },
-                runs: cli.runs.map_or(if cli.quick { 1 } else { 3 }, |n| n as usize),
-                job_seconds: if cli.quick { 5 } else { 15 },
-            };
-            let report = wan::run(&config, &binary, &simnet, scratch.path())?;
-            (wan::markdown(&report, &context, &config), report::WAN_BEGIN, report::WAN_END)
+    let context = format!(
+        "Generated by `{}` at {} from {} ({} CPUs), load average {load_average}.{}{}",
+        command_line(cli),
+        humantime::format_rfc3339_seconds(started),
+        source,
+        machine.cpus,
+        cli.note.as_ref().map_or(String::new(), |n| format!(" {n}")),
+        if cli.quick { " **A `--quick` run**: small sizes, one run each; not numbers to quote." } else { "" }
+    );
+    let runs = |default: usize| cli.runs.map_or(if cli.quick { 1 } else { default }, |n| n as usize);
+    let mut report = cli.out.as_ref().map(|out| std::fs::read_to_string(out).unwrap_or_default());
+    let mut lines = Vec::new();
+
+    for set in sets {
+        let set_clock = Instant::now();
+        eprintln!("== {} ==", set.name());
+        let set_lines = match set {
+            Set::HostIo => {
+                let results = host_io_set(
+                    cli,
+                    &binary,
+                    scratch.path(),
+                    &machine,
+                    &source,
+                    &load_average,
+                    started,
+                    clock,
+                )?;
+                if let Some(text) = report.as_mut() {
+                    *text = report::markdown(&results, Some(text.as_str()));
+                }
+                report::summary_lines(&results)
+            }
+            Set::Roles => {
+                let simnet = simnet.as_deref().context("simnet was not built")?;
+                let profiles: &[&str] = if cli.quick { &[] } else { &["wan"] };
+                let r = roles::run(runs(SET_RUNS_DEFAULT), &binary, simnet, profiles, scratch.path())?;
+                replace(&mut report, report::ROLES_BEGIN, report::ROLES_END, &roles::markdown(&r, &context));
+                roles::summary_lines(&r)
+            }
+            Set::Wan => {
+                let simnet = simnet.as_deref().context("simnet was not built")?;
+                let config = wan::Config {
+                    profiles: if cli.quick {
+                        vec!["wan".into()]
+                    } else {
+                        ["metro", "wan", "intercontinental", "satellite", "flapping"]
+                            .map(String::from)
+                            .to_vec()
+                    },
+                    backlog_link_seconds: if cli.quick { 3 } else { 20 },
+                    load_seconds: if cli.quick { 6 } else { 20 },
+                };
+                let r = wan::run(&config, &binary, simnet, scratch.path())?;
+                replace(
+                    &mut report,
+                    report::WAN_BEGIN,
+                    report::WAN_END,
+                    &wan::markdown(&r, &context, &config),
+                );
+                r.summary_lines()
+            }
+            Set::Recovery => {
+                let config = recovery::Config {
+                    volume_bytes: if cli.quick { RECOVERY_VOLUME_BYTES_QUICK } else { RECOVERY_VOLUME_BYTES }
+                        .to_vec(),
+                    change_bytes: if cli.quick { RECOVERY_CHANGE_BYTES_QUICK } else { RECOVERY_CHANGE_BYTES },
+                    runs: runs(SET_RUNS_DEFAULT),
+                };
+                let r = recovery::run(&config, &binary, scratch.path())?;
+                replace(
+                    &mut report,
+                    report::RECOVERY_BEGIN,
+                    report::RECOVERY_END,
+                    &recovery::markdown(&r, &context),
+                );
+                r.summary_lines()
+            }
+            Set::Resources => {
+                let config = resources::Config {
+                    levels: if cli.quick { ZSTD_LEVELS_QUICK.to_vec() } else { ZSTD_LEVELS.to_vec() },
+                    replicated_bytes: if cli.quick {
+                        ZSTD_REPLICATED_BYTES_QUICK
+                    } else {
+                        ZSTD_REPLICATED_BYTES
+                    },
+                    runs: runs(SET_RUNS_DEFAULT),
+                    logical_bytes: RESIDENT_LOGICAL_BYTES,
+                    volumes: RESIDENT_VOLUMES,
+                    journal_bytes: if cli.quick {
+                        RESIDENT_JOURNAL_BYTES_QUICK
+                    } else {
+                        RESIDENT_JOURNAL_BYTES
+                    },
+                    restarts: runs(SET_RUNS_DEFAULT),
+                };
+                let r = resources::run(&config, &binary, scratch.path())?;
+                replace(
+                    &mut report,
+                    report::RESOURCES_BEGIN,
+                    report::RESOURCES_END,
+                    &resources::markdown(&r, &context),
+                );
+                r.summary_lines()
+            }
+            Set::All => bail!("`all` is not a set of its own"),
         };
-        print!("{section}");
-        if let Some(out) = &cli.out {
-            let previous = std::fs::read_to_string(out).unwrap_or_default();
-            let text = report::replace_section(&previous, begin, end, &section);
-            std::fs::write(out, text).with_context(|| format!("write report {}", out.display()))?;
-            eprintln!("section written to {}", out.display());
+        eprintln!("== {} took {:.0} s ==", set.name(), set_clock.elapsed().as_secs_f64());
+        for line in &set_lines {
+            println!("{line}");
         }
-        scratch.close().context("remove the scratch directory")?;
-        return Ok(());
+        lines.extend(set_lines);
+        // Written after every set, so a later set's failure keeps the earlier sets' results.
+        if let (Some(out), Some(text)) = (&cli.out, &report) {
+            std::fs::write(out, text).with_context(|| format!("write report {}", out.display()))?;
+            eprintln!("report written to {}", out.display());
+        }
     }
+    if lines.len() > 1 && cli.set == Set::All {
+        println!("-- summary ({:.0} s) --", clock.elapsed().as_secs_f64());
+        for line in &lines {
+            println!("{line}");
+        }
+    }
+    scratch.close().context("remove the scratch directory")?;
+    Ok(())
+}
+
+/// Replace a section of the report being built, if one is.
+fn replace(report: &mut Option<String>, begin: &str, end: &str, section: &str) {
+    if let Some(text) = report.as_mut() {
+        *text = report::replace_section(text, begin, end, section);
+    }
+}
+
+/// The host-io set: host I/O, index memory, start-up time.
+#[allow(clippy::too_many_arguments)]
+fn host_io_set(
+    cli: &Cli,
+    binary: &Path,
+    scratch: &Path,
+    machine: &procfs::Machine,
+    source: &str,
+    load_average: &str,
+    started: SystemTime,
+    clock: Instant,
+) -> Result<Results> {
     let can_drop_caches = procfs::drop_caches()?;
     if !can_drop_caches {
         eprintln!("note: the page cache cannot be dropped here; cold-cache figures are left out");
     }
-
     let runs = cli.runs.map_or(if cli.quick { RUNS_QUICK } else { RUNS_DEFAULT }, |n| n as usize);
     let host_io_config = host_io::Config {
         runs,
-        job_seconds: if cli.quick { JOB_SECONDS_QUICK } else { JOB_SECONDS },
+        job_seconds: cli.seconds.unwrap_or(if cli.quick { JOB_SECONDS_QUICK } else { JOB_SECONDS }),
         region_bytes: if cli.quick { REGION_BYTES_QUICK } else { REGION_BYTES },
         volume_bytes: VOLUME_BYTES,
-        cold_read: can_drop_caches,
+        // A quick run leaves out the cold row: it measures the page cache, not a regression.
+        cold_read: can_drop_caches && !cli.quick,
     };
     let startup_config = startup::Config {
         journal_bytes: if cli.quick { STARTUP_JOURNAL_BYTES_QUICK } else { STARTUP_JOURNAL_BYTES },
         tail_bytes: if cli.quick { STARTUP_TAIL_BYTES_QUICK } else { STARTUP_TAIL_BYTES },
-        trials: STARTUP_TRIALS,
+        trials: if cli.quick { STARTUP_TRIALS_QUICK } else { STARTUP_TRIALS },
         cold: can_drop_caches,
     };
     let memory_blocks = if cli.quick { MEMORY_BLOCKS_QUICK } else { MEMORY_BLOCKS };
 
-    let host_io = host_io::run(&host_io_config, &binary, scratch.path())?;
-    let memory = memory::run(memory_blocks, &binary, scratch.path())?;
-    let startup = startup::run(&startup_config, &binary, scratch.path())?;
-
-    let results = Results {
+    let host_io = host_io::run(&host_io_config, binary, scratch)?;
+    let memory = memory::run(memory_blocks, binary, scratch)?;
+    let startup = startup::run(&startup_config, binary, scratch)?;
+    Ok(Results {
         command: command_line(cli),
         started,
         seconds: clock.elapsed().as_secs_f64(),
         quick: cli.quick,
-        machine,
-        source,
-        load_average,
+        machine: machine.clone(),
+        source: source.to_string(),
+        load_average: load_average.to_string(),
+        note: cli.note.clone(),
         host_io,
         memory,
         startup,
-    };
-    for line in report::summary_lines(&results) {
-        println!("{line}");
-    }
-    if let Some(out) = &cli.out {
-        let previous = std::fs::read_to_string(out).ok();
-        let text = report::markdown(&results, previous.as_deref());
-        std::fs::write(out, text).with_context(|| format!("write report {}", out.display()))?;
-        eprintln!("report written to {}", out.display());
-    }
-    scratch.close().context("remove the scratch directory")?;
-    Ok(())
+    })
 }
 
 /// The workspace root: two levels above this crate's manifest.
@@ -361,20 +524,18 @@ fn source_revision(root: &Path) -> String {
 
 /// The invocation as the report shows it.
 fn command_line(cli: &Cli) -> String {
-    let mut command = format!(
-        "cargo run --release -p tidemark-bench -- {}",
-        match cli.set {
-            Set::HostIo => "host-io",
-            Set::Roles => "roles",
-            Set::Wan => "wan",
-            Set::All => "all",
-        }
-    );
+    let mut command = format!("cargo run --release -p tidemark-bench -- {}", cli.set.name());
     if cli.quick {
         command.push_str(" --quick");
     }
     if let Some(runs) = cli.runs {
         command.push_str(&format!(" --runs {runs}"));
+    }
+    if let Some(seconds) = cli.seconds {
+        command.push_str(&format!(" --seconds {seconds}"));
+    }
+    if let Some(note) = &cli.note {
+        command.push_str(&format!(" --note {note:?}"));
     }
     if let Some(out) = &cli.out {
         command.push_str(&format!(" --out {}", out.display()));

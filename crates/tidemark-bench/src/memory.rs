@@ -103,6 +103,7 @@ pub fn run(blocks: u64, binary: &Path, scratch: &Path) -> Result<Report> {
         region_bytes: WARMUP_BYTES,
         offset_bytes: region_bytes,
         runtime_seconds: None,
+        fsync_every: None,
     };
     // fio's random map (on by default) makes each pass write every block exactly once, in
     // random order.
@@ -114,6 +115,7 @@ pub fn run(blocks: u64, binary: &Path, scratch: &Path) -> Result<Report> {
         region_bytes,
         offset_bytes: 0,
         runtime_seconds: None,
+        fsync_every: None,
     };
     eprintln!("index memory: {blocks} blocks, two passes");
     warmup.run(&uri, &dir)?;

@@ -29,7 +29,20 @@ pub struct Pair {
 impl Pair {
     /// Start both sites, the relays when `link` names simnet and a profile, and pair them.
     pub fn start(binary: &Path, link: Option<(&Path, &str)>, dir: &Path) -> Result<Pair> {
-        let mut a = Site::new(binary, &dir.join("a"))?;
+        Pair::start_with_config(binary, link, dir, None)
+    }
+
+    /// The same, the first site started with a config file holding `config_a`.
+    pub fn start_with_config(
+        binary: &Path,
+        link: Option<(&Path, &str)>,
+        dir: &Path,
+        config_a: Option<&str>,
+    ) -> Result<Pair> {
+        let mut a = match config_a {
+            Some(toml) => Site::with_config(binary, &dir.join("a"), toml)?,
+            None => Site::new(binary, &dir.join("a"))?,
+        };
         let mut b = Site::new(binary, &dir.join("b"))?;
         a.start()?;
         b.start()?;
@@ -76,9 +89,14 @@ pub fn last_seq(site: &Site) -> Result<u64> {
 
 /// Wait until `site` streams group `g` with nothing left to send.
 pub fn wait_streaming(site: &Site) -> Result<()> {
+    wait_group_streaming(site, "g")
+}
+
+/// Wait until `site` streams `group` with nothing left to send.
+pub fn wait_group_streaming(site: &Site, group: &str) -> Result<()> {
     let deadline = Instant::now() + CATCH_UP;
     loop {
-        let g = site.group("g")?;
+        let g = site.group(group)?;
         if g["replication"]["state"] == "streaming" && g["replication"]["lag_records"] == 0 {
             return Ok(());
         }

@@ -121,6 +121,8 @@ pub struct Machine {
     pub fio: String,
     /// First line of `qemu-nbd --version`.
     pub qemu_nbd: String,
+    /// First line of `nbdkit --version`.
+    pub nbdkit: String,
 }
 
 /// Gather the machine's facts; `scratch` is the directory both targets keep their data in.
@@ -150,6 +152,7 @@ pub fn machine(scratch: &Path) -> Result<Machine> {
         filesystem,
         fio: first_line(Command::new("fio").arg("--version"))?,
         qemu_nbd: first_line(Command::new("qemu-nbd").arg("--version"))?,
+        nbdkit: first_line(Command::new("nbdkit").arg("--version"))?,
     })
 }
 

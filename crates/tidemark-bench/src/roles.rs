@@ -1,6 +1,7 @@
 //! Role changes between two real sites on this machine: how long a planned swap takes with a
-//! steady host workload running on the primary, and how long a takeover takes from the command
-//! to a writable export after the primary is killed. Each trial starts a fresh pair.
+//! steady host workload running on the primary, how long a takeover takes from the command
+//! to a writable export after the primary is killed, and how many bytes the failback sends when
+//! the killed site returns. Each trial starts a fresh pair.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -25,6 +26,8 @@ const WORKLOAD_RUNTIME: Duration = Duration::from_secs(60);
 const WORKLOAD_WARMUP: Duration = Duration::from_secs(5);
 /// How long replication may take to catch up before a trial gives up.
 const CATCH_UP: Duration = Duration::from_secs(120);
+/// Bytes the new primary writes after the takeover, before the old primary returns.
+const FAILBACK_WRITE_BYTES: u64 = 64 << 20;
 
 /// One trial's timings, in seconds.
 #[derive(Clone, Copy, Debug)]
@@ -39,6 +42,14 @@ pub struct Trial {
     pub takeover_seconds: f64,
     /// From the takeover command to the first write the new primary's export accepted.
     pub takeover_to_write_seconds: f64,
+    /// Bytes written on the new primary after the takeover (the fill job, plus the 4 KiB
+    /// probe write).
+    pub failback_written_bytes: u64,
+    /// Bytes (uncompressed) the new primary sent to the returning old primary until it was
+    /// caught up: its history since the fork point, not the volume.
+    pub failback_sent_bytes: u64,
+    /// From restarting the old primary to its being caught up, in seconds.
+    pub failback_seconds: f64,
 }
 
 /// Everything the roles benchmark measured.
@@ -67,12 +78,15 @@ pub fn run(trials: usize, binary: &Path, simnet: &Path, profiles: &[&str], scrat
             let (trial, command) =
                 trial(binary, link, &dir).with_context(|| format!("roles trial {n} ({label})"))?;
             eprintln!(
-                "roles {label} trial {n}: {} records in warm-up; swap {:.2}s (write after {:.2}s), takeover {:.2}s (write after {:.2}s)",
+                "roles {label} trial {n}: {} records in warm-up; swap {:.2}s (write after {:.2}s), takeover {:.2}s (write after {:.2}s), failback sent {} bytes for {} written in {:.2}s",
                 trial.workload_records,
                 trial.swap_seconds,
                 trial.swap_to_write_seconds,
                 trial.takeover_seconds,
-                trial.takeover_to_write_seconds
+                trial.takeover_to_write_seconds,
+                trial.failback_sent_bytes,
+                trial.failback_written_bytes,
+                trial.failback_seconds
             );
             workload = command;
             out.push(trial);
@@ -115,7 +129,34 @@ fn trial(binary: &Path, link: Option<(&Path, &str)>, dir: &Path) -> Result<(Tria
     let takeover_seconds = start.elapsed().as_secs_f64();
     wait_writable(&a)?;
     let takeover_to_write_seconds = start.elapsed().as_secs_f64();
+
+    // Failback: the new primary writes, the old one returns, is fenced, keeps its unreplicated
+    // tail as a salvage image, cuts it, and receives what was written since the fork.
+    let fill = format!("--size={FAILBACK_WRITE_BYTES}");
+    let status = Command::new("fio")
+        .args(["--name=after-takeover", "--ioengine=nbd", &format!("--uri={}", a.uri("v"))])
+        .args(["--rw=write", "--bs=1m", "--iodepth=8", "--offset=0", &fill, "--thread", "--refill_buffers"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("run fio")?;
+    if !status.success() {
+        bail!("fio on the new primary failed ({status})");
+    }
+    let sent = |site: &Site| -> Result<u64> {
+        site.group("g")?["replication"]["bytes_sent_total"]
+            .as_u64()
+            .context("no replication.bytes_sent_total")
+    };
+    let sent_before = sent(&a)?;
+    let start = Instant::now();
+    b.start()?;
+    wait_streaming(&a)?;
+    let failback_seconds = start.elapsed().as_secs_f64();
+    let failback_sent_bytes = sent(&a)? - sent_before;
     a.stop()?;
+    b.stop()?;
     drop(relays);
     Ok((
         Trial {
@@ -124,6 +165,9 @@ fn trial(binary: &Path, link: Option<(&Path, &str)>, dir: &Path) -> Result<(Tria
             swap_to_write_seconds,
             takeover_seconds,
             takeover_to_write_seconds,
+            failback_written_bytes: FAILBACK_WRITE_BYTES + 4096,
+            failback_sent_bytes,
+            failback_seconds,
         },
         command,
     ))
@@ -175,10 +219,33 @@ fn wait_writable(site: &Site) -> Result<()> {
     }
 }
 
-/// The median of `values`.
-pub fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+/// The median of `values` (NaN when there are none).
+pub fn median(values: Vec<f64>) -> f64 {
+    crate::stats::Summary::of(&values).map_or(f64::NAN, |s| s.median)
+}
+
+/// One line per figure.
+pub fn summary_lines(report: &Report) -> Vec<String> {
+    let verdict = |v: f64, target: f64| if v <= target { "MET" } else { "NOT MET" };
+    let mut lines = Vec::new();
+    for (label, trials) in &report.links {
+        let col = |f: fn(&Trial) -> f64| median(trials.iter().map(f).collect());
+        let swap = col(|t| t.swap_seconds);
+        let takeover = col(|t| t.takeover_to_write_seconds);
+        lines.push(format!(
+            "swap ({label}): {swap:.2} s (target <={SWAP_TARGET_SECONDS} s) {}",
+            verdict(swap, SWAP_TARGET_SECONDS)
+        ));
+        lines.push(format!(
+            "takeover to writable ({label}): {takeover:.2} s (target <={TAKEOVER_TARGET_SECONDS} s) {}",
+            verdict(takeover, TAKEOVER_TARGET_SECONDS)
+        ));
+        lines.push(format!(
+            "failback bytes sent / written since takeover ({label}): {:.2}x (no target stated)",
+            col(|t| t.failback_sent_bytes as f64 / t.failback_written_bytes as f64)
+        ));
+    }
+    lines
 }
 
 /// The Markdown section (between the roles markers of docs/benchmarks.md).
@@ -193,23 +260,33 @@ pub fn markdown(report: &Report, context: &str) -> String {
          The workload runs on the primary during the swap and until the primary is killed: `{}`.\n\n",
         report.workload
     ));
-    out.push_str("| Link | Trials | Swap: command to answer | Swap: to first write on the new primary | Takeover: command to writable export | Takeover: command to answer |\n");
-    out.push_str("|---|---|---|---|---|---|\n");
+    out.push_str("| Link | Trials | Swap: command to answer | Swap: to first write on the new primary | Takeover: command to writable export | Takeover: command to answer | Failback: bytes sent / written since the takeover | Failback: restart to caught up |\n");
+    out.push_str("|---|---|---|---|---|---|---|---|\n");
     for (label, trials) in &report.links {
         let col = |f: fn(&Trial) -> f64| median(trials.iter().map(f).collect());
         let swap = col(|t| t.swap_seconds);
         let takeover_write = col(|t| t.takeover_to_write_seconds);
         out.push_str(&format!(
-            "| {label} | {} | {swap:.2} s ({}: at most {SWAP_TARGET_SECONDS} s) | {:.2} s | {takeover_write:.2} s ({}: at most {TAKEOVER_TARGET_SECONDS} s) | {:.2} s |\n",
+            "| {label} | {} | {swap:.2} s ({}: at most {SWAP_TARGET_SECONDS} s) | {:.2} s | {takeover_write:.2} s ({}: at most {TAKEOVER_TARGET_SECONDS} s) | {:.2} s | {:.1} MiB / {:.1} MiB ({:.2}x) | {:.2} s |\n",
             trials.len(),
             verdict(swap, SWAP_TARGET_SECONDS),
             col(|t| t.swap_to_write_seconds),
             verdict(takeover_write, TAKEOVER_TARGET_SECONDS),
             col(|t| t.takeover_seconds),
+            col(|t| t.failback_sent_bytes as f64) / (1u64 << 20) as f64,
+            col(|t| t.failback_written_bytes as f64) / (1u64 << 20) as f64,
+            col(|t| t.failback_sent_bytes as f64 / t.failback_written_bytes as f64),
+            col(|t| t.failback_seconds),
         ));
     }
     out.push_str(
-        "\nThe takeover's time is mostly its reachability check: it tries to reach the primary for one second \
+        "\nFailback: after the takeover the new primary writes 64 MiB (`fio --rw=write --bs=1m --size=64m`) \
+         plus the 4 KiB probe write, then the killed site is started again; it is fenced, keeps its \
+         unreplicated tail as a salvage image and receives the new primary's history since the fork. \
+         Bytes sent are the new primary's `bytes_sent_total` (uncompressed) from the restart until \
+         `lag_records` is 0; a ratio near 1 means only what changed since the fork crossed the link \
+         (the volume is 1 GiB). Issue 7 states no target for failback bytes.\n\
+         \nThe takeover's time is mostly its reachability check: it tries to reach the primary for one second \
          (`REACHABLE_TIMEOUT`) before it concludes the primary is gone; `--force` skips the check. The swap \
          stops writes, waits for the partner to acknowledge the last record and trades roles in one round trip \
          each way, so it grows with the link's RTT and with the unacknowledged backlog; over `wan` (50 ms RTT) \

@@ -125,6 +125,7 @@ pub fn run(config: &Config, binary: &Path, scratch: &Path) -> Result<Report> {
         region_bytes: config.journal_bytes,
         offset_bytes: 0,
         runtime_seconds: None,
+        fsync_every: None,
     };
     let tail = Job {
         name: "startup-tail".into(),
@@ -134,6 +135,7 @@ pub fn run(config: &Config, binary: &Path, scratch: &Path) -> Result<Report> {
         region_bytes: config.tail_bytes,
         offset_bytes: 0,
         runtime_seconds: None,
+        fsync_every: None,
     };
     eprintln!("start-up: writing {} MiB to the journal", config.journal_bytes >> 20);
     let fill_outcome = fill.run(&site.uri(EXPORT), &dir)?;

@@ -1,5 +1,5 @@
-//! The two NBD servers under test: a Tidemark site (the release binary, its own data
-//! directory) and qemu-nbd serving a raw file, both started on free loopback ports.
+//! The NBD servers under test: a Tidemark site (the release binary, its own data directory),
+//! qemu-nbd and nbdkit's file plugin serving a raw file, all started on free loopback ports.
 //!
 //! A server counts as started when it sends the NBD greeting, not when its port takes a TCP
 //! connection: a site binds its listeners before it opens the engine, so the kernel completes
@@ -44,6 +44,10 @@ pub struct Site {
     /// The replication link's UDP address: a free loopback port, so that a benchmark site
     /// neither listens on every interface nor collides with another site on the default port.
     repl: SocketAddr,
+    /// The Prometheus endpoint, on a free loopback port so the benchmark can read counters.
+    metrics: SocketAddr,
+    /// A site config file (`tidemark serve --config`), if any.
+    config: Option<PathBuf>,
     log: PathBuf,
     child: Option<Guarded>,
 }
@@ -57,9 +61,21 @@ impl Site {
             nbd: free_loopback_port()?,
             api: free_loopback_port()?,
             repl: free_loopback_udp_port()?,
+            metrics: free_loopback_port()?,
+            config: None,
             log: data_dir.with_extension("log"),
             child: None,
         })
+    }
+
+    /// The same, started with a config file holding `toml` (written beside the data directory);
+    /// the command-line addresses still win over the file's.
+    pub fn with_config(binary: &Path, data_dir: &Path, toml: &str) -> Result<Site> {
+        let mut site = Site::new(binary, data_dir)?;
+        let path = data_dir.with_extension("toml");
+        std::fs::write(&path, toml).with_context(|| format!("write site config {}", path.display()))?;
+        site.config = Some(path);
+        Ok(site)
     }
 
     /// Start `tidemark serve` and wait for its NBD greeting; returns how long that took from
@@ -74,6 +90,9 @@ impl Site {
             .open(&self.log)
             .with_context(|| format!("open site log {}", self.log.display()))?;
         let mut command = Command::new(&self.binary);
+        if let Some(config) = &self.config {
+            command.arg("--config").arg(config);
+        }
         command
             .arg("serve")
             .arg("--data-dir")
@@ -84,9 +103,9 @@ impl Site {
             .arg(self.api.to_string())
             .arg("--repl-listen")
             .arg(self.repl.to_string())
-            // Nothing scrapes it here; any free port keeps it off a real site's 9600.
+            // A free port keeps it off a real site's 9600; the benchmark reads counters there.
             .arg("--metrics-listen")
-            .arg("127.0.0.1:0")
+            .arg(self.metrics.to_string())
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("duplicate site log handle")?)
@@ -175,6 +194,21 @@ impl Site {
         Ok((field("journal_bytes")?, field("last_seq")?))
     }
 
+    /// The sum of every sample of the Prometheus metric `name` whose labels contain each of
+    /// `labels` (e.g. `operation="flush"`), read from the site's metrics endpoint.
+    pub fn metric(&self, name: &str, labels: &[&str]) -> Result<f64> {
+        let text = http_get(self.metrics, "/metrics")?;
+        let mut sum = 0.0;
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else { continue };
+            let metric = series.split('{').next().unwrap_or_default();
+            if metric == name && labels.iter().all(|l| series.contains(l)) {
+                sum += value.parse::<f64>().with_context(|| format!("parse metric line {line:?}"))?;
+            }
+        }
+        Ok(sum)
+    }
+
     /// Remove every group's index checkpoint, so the next start rebuilds from the journal.
     pub fn remove_checkpoints(&self) -> Result<usize> {
         let groups = self.data_dir.join("groups");
@@ -249,6 +283,79 @@ impl QemuNbd {
         self.child.signal_and_wait(Signal::TERM, Duration::from_secs(STOP_DEADLINE_SECONDS))?;
         Ok(())
     }
+}
+
+/// nbdkit's file plugin serving a raw file, the second baseline.
+pub struct Nbdkit {
+    child: Guarded,
+    addr: SocketAddr,
+    export: String,
+}
+
+impl Nbdkit {
+    /// The plugin and its settings (besides the file): the plugin's defaults, which go
+    /// through the page cache, with nbdkit's default thread pool (16 threads).
+    pub const OPTIONS: [&'static str; 2] = ["--foreground", "--exit-with-parent"];
+
+    /// Serve `image` and wait for the greeting. The file plugin serves the same file under
+    /// any export name; `export` is the name clients ask for.
+    pub fn start(image: &Path, export: &str) -> Result<Nbdkit> {
+        let addr = free_loopback_port()?;
+        let log_path = image.with_extension("nbdkit.log");
+        let log =
+            std::fs::File::create(&log_path).with_context(|| format!("create {}", log_path.display()))?;
+        let mut command = Command::new("nbdkit");
+        command
+            .args(Self::OPTIONS)
+            .arg("-i")
+            .arg(addr.ip().to_string())
+            .arg("-p")
+            .arg(addr.port().to_string())
+            .arg("file")
+            .arg(format!("file={}", image.display()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("duplicate nbdkit log handle")?)
+            .stderr(log);
+        let mut child = Guarded::spawn(&mut command, "nbdkit")?;
+        wait_for_greeting(addr, &mut child)
+            .with_context(|| format!("start nbdkit (log: {})", log_path.display()))?;
+        Ok(Nbdkit { child, addr, export: export.to_string() })
+    }
+
+    /// The command line, for the report.
+    pub fn command_line(image: &str) -> String {
+        format!("nbdkit {} -i 127.0.0.1 -p PORT file file={image}", Self::OPTIONS.join(" "))
+    }
+
+    /// `nbd://` URI of its export.
+    pub fn uri(&self) -> String {
+        format!("nbd://{}/{}", self.addr, self.export)
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stop it with SIGTERM.
+    pub fn stop(mut self) -> Result<()> {
+        self.child.signal_and_wait(Signal::TERM, Duration::from_secs(STOP_DEADLINE_SECONDS))?;
+        Ok(())
+    }
+}
+
+/// A plain HTTP/1.0 GET on loopback; returns the body. Enough for a Prometheus endpoint.
+fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    let mut stream = TcpStream::connect(addr).with_context(|| format!("connect to {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).context("set read timeout")?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").context("send HTTP request")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).with_context(|| format!("read http://{addr}{path}"))?;
+    let (head, body) = text.split_once("\r\n\r\n").context("HTTP answer without a header")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        bail!("GET http://{addr}{path}: {}", head.lines().next().unwrap_or_default());
+    }
+    Ok(body.to_string())
 }
 
 /// Create a sparse raw image of `size_bytes` with qemu-img.

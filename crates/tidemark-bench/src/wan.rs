@@ -1,7 +1,7 @@
 //! Replication over a simulated WAN (simnet, one profile at a time): goodput while catching up a
 //! backlog of incompressible and of 3:1-compressible data, as a fraction of the link's rate, and
-//! rpo_seconds while a host writes at a share of the link's rate. And the cost of protection:
-//! 4 KiB random-write IOPS on a protected group against an unprotected one on the same site.
+//! rpo_seconds while a host writes at a share of the link's rate. (The cost of protection on
+//! host I/O is measured with the host I/O jobs, in `host_io.rs`.)
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -19,8 +19,6 @@ pub const GOODPUT_TARGET_FRACTION: f64 = 0.9;
 pub const COMPRESSIBLE_TARGET_MULTIPLE: f64 = 2.0;
 /// rpo_seconds p99 at half the link's rate.
 pub const RPO_P99_TARGET_SECONDS: f64 = 1.0;
-/// Host IOPS with replication to a loopback partner, against without.
-pub const PROTECTION_COST_TARGET: f64 = 0.9;
 /// How often rpo_seconds is sampled.
 const RPO_SAMPLE_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -32,10 +30,6 @@ pub struct Config {
     pub backlog_link_seconds: u64,
     /// Seconds of steady load per rpo measurement.
     pub load_seconds: u64,
-    /// Runs of each protection-cost job.
-    pub runs: usize,
-    /// Seconds of each protection-cost job.
-    pub job_seconds: u64,
 }
 
 /// One profile's figures.
@@ -55,25 +49,67 @@ pub struct ProfileReport {
     pub rpo: Vec<(u32, f64, f64)>,
 }
 
-/// The cost of protection.
-#[derive(Clone, Debug)]
-pub struct CostReport {
-    /// IOPS of each unprotected run.
-    pub unprotected: Vec<f64>,
-    /// IOPS of each protected run.
-    pub protected: Vec<f64>,
-}
-
 /// Everything the WAN benchmark measured.
 #[derive(Clone, Debug)]
 pub struct Report {
     /// Per profile.
     pub profiles: Vec<ProfileReport>,
-    /// Cost of protection.
-    pub cost: CostReport,
 }
 
-/// Run every profile, then the protection cost.
+impl Report {
+    /// One line per figure (the targets apply to the `wan` profile).
+    pub fn summary_lines(&self) -> Vec<String> {
+        let verdict = |ok: bool| if ok { "MET" } else { "NOT MET" };
+        let mut lines = Vec::new();
+        for p in &self.profiles {
+            let target = p.profile == "wan";
+            lines.push(format!(
+                "goodput ({}): {:.2} of the link {}",
+                p.profile,
+                p.goodput_fraction,
+                if target {
+                    format!(
+                        "target >={GOODPUT_TARGET_FRACTION}) {}",
+                        verdict(p.goodput_fraction >= GOODPUT_TARGET_FRACTION)
+                    )
+                } else {
+                    "no target on this profile)".to_string()
+                }
+            ));
+            lines.push(format!(
+                "3:1 data effective ({}): {:.2}x the link {}",
+                p.profile,
+                p.compressible_multiple,
+                if target {
+                    format!(
+                        "(target >={COMPRESSIBLE_TARGET_MULTIPLE}x) {}",
+                        verdict(p.compressible_multiple >= COMPRESSIBLE_TARGET_MULTIPLE)
+                    )
+                } else {
+                    "(no target on this profile)".to_string()
+                }
+            ));
+            for (load, _, p99) in &p.rpo {
+                let rated = target && *load == 50;
+                lines.push(format!(
+                    "rpo p99 at {load}% load ({}): {p99:.2} s {}",
+                    p.profile,
+                    if rated {
+                        format!(
+                            "target <={RPO_P99_TARGET_SECONDS} s) {}",
+                            verdict(*p99 <= RPO_P99_TARGET_SECONDS)
+                        )
+                    } else {
+                        "no target".to_string() + ")"
+                    }
+                ));
+            }
+        }
+        lines
+    }
+}
+
+/// Run every profile.
 pub fn run(config: &Config, binary: &Path, simnet: &Path, scratch: &Path) -> Result<Report> {
     let mut profiles = Vec::new();
     for name in &config.profiles {
@@ -95,11 +131,7 @@ pub fn run(config: &Config, binary: &Path, simnet: &Path, scratch: &Path) -> Res
         profiles.push(report);
         std::fs::remove_dir_all(&dir).ok();
     }
-    let dir = scratch.join("protection-cost");
-    std::fs::create_dir_all(&dir)?;
-    let cost = protection_cost(config, binary, &dir)?;
-    std::fs::remove_dir_all(&dir).ok();
-    Ok(Report { profiles, cost })
+    Ok(Report { profiles })
 }
 
 fn measure_profile(
@@ -265,50 +297,6 @@ fn rpo_under_load(a: &Site, bytes_per_second: u64, seconds: u64, offset: u64) ->
     Ok((at(0.5), at(0.99)))
 }
 
-/// 4 KiB random writes, depth 32, on a protected and an unprotected group of one site, runs
-/// interleaved so both see the same machine.
-fn protection_cost(config: &Config, binary: &Path, dir: &Path) -> Result<CostReport> {
-    let pair = Pair::start(binary, None, dir)?;
-    let a = &pair.a;
-    a.create_volume("g", "16GiB", "v", "4GiB")?;
-    a.cli(&["group", "create", "u", "--journal-max", "16GiB"])?;
-    a.cli(&["volume", "create", "w", "--size", "4GiB", "--group", "u"])?;
-    a.cli(&["group", "protect", "g", "--partner", "b"])?;
-    wait_streaming(a)?;
-    let job = |export: &str| -> Result<f64> {
-        let out = Command::new("fio")
-            .args([
-                "--name=cost",
-                "--ioengine=nbd",
-                &format!("--uri={}", a.uri(export)),
-                "--rw=randwrite",
-                "--bs=4k",
-                "--iodepth=32",
-                "--size=1g",
-                "--time_based",
-                &format!("--runtime={}s", config.job_seconds),
-                "--thread",
-                "--output-format=json",
-            ])
-            .output()?;
-        if !out.status.success() {
-            bail!("fio cost job failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        // fio may print notes before its JSON document.
-        let text = String::from_utf8_lossy(&out.stdout);
-        let json = text.find('{').map_or("", |i| &text[i..]);
-        let v: serde_json::Value = serde_json::from_str(json).context("parse fio output")?;
-        v["jobs"][0]["write"]["iops"].as_f64().context("fio output has no write iops")
-    };
-    let (mut unprotected, mut protected) = (Vec::new(), Vec::new());
-    for _ in 0..config.runs {
-        unprotected.push(job("w")?);
-        protected.push(job("v")?);
-    }
-    eprintln!("protection cost: unprotected {unprotected:?} IOPS, protected {protected:?} IOPS");
-    Ok(CostReport { unprotected, protected })
-}
-
 /// The Markdown section (between the WAN markers of docs/benchmarks.md).
 pub fn markdown(report: &Report, context: &str, config: &Config) -> String {
     let met = |ok: bool| if ok { "met" } else { "NOT MET" };
@@ -371,16 +359,9 @@ pub fn markdown(report: &Report, context: &str, config: &Config) -> String {
             rpo(90),
         ));
     }
-    let median = crate::roles::median;
-    let (u, p) = (median(report.cost.unprotected.clone()), median(report.cost.protected.clone()));
-    let ratio = p / u;
-    out.push_str(&format!(
-        "\n**Cost of protection** (4 KiB random writes, depth 32, {} s, {} runs each, interleaved, on one site; the \
-         protected group replicates to a partner on loopback): {p:.0} IOPS protected against {u:.0} unprotected, \
-         **{ratio:.2}x** ({}: at least {PROTECTION_COST_TARGET}x).\n",
-        config.job_seconds,
-        report.cost.unprotected.len(),
-        met(ratio >= PROTECTION_COST_TARGET)
-    ));
+    out.push_str(
+        "\nThe cost of protection on host I/O (every host-I/O job on a protected group against an \
+         unprotected one) is in the host I/O section.\n",
+    );
     out
 }
