@@ -69,11 +69,11 @@ impl Report {
                 p.goodput_fraction,
                 if target {
                     format!(
-                        "target >={GOODPUT_TARGET_FRACTION}) {}",
+                        "(target >={GOODPUT_TARGET_FRACTION}) {}",
                         verdict(p.goodput_fraction >= GOODPUT_TARGET_FRACTION)
                     )
                 } else {
-                    "no target on this profile)".to_string()
+                    "(no target on this profile)".to_string()
                 }
             ));
             lines.push(format!(
@@ -96,11 +96,11 @@ impl Report {
                     p.profile,
                     if rated {
                         format!(
-                            "target <={RPO_P99_TARGET_SECONDS} s) {}",
+                            "(target <={RPO_P99_TARGET_SECONDS} s) {}",
                             verdict(*p99 <= RPO_P99_TARGET_SECONDS)
                         )
                     } else {
-                        "no target".to_string() + ")"
+                        "(no target)".to_string()
                     }
                 ));
             }
