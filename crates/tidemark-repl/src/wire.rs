@@ -200,7 +200,9 @@ pub struct BaselineChunk {
     pub raw_bytes: u64,
     /// blake3 of the data.
     pub content_hash: [u8; 32],
-    /// zstd-compressed data.
+    /// zstd-compressed data (encoded as one byte string, not a sequence of bytes: the same on
+    /// the wire with postcard, and decoded without a call per byte).
+    #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
 }
 
@@ -243,7 +245,8 @@ pub struct BatchFrame {
     pub raw_bytes: u64,
     /// blake3 of the uncompressed content.
     pub content_hash: [u8; 32],
-    /// zstd-compressed content.
+    /// zstd-compressed content (one byte string, as for baseline chunks).
+    #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
 }
 
@@ -363,6 +366,25 @@ impl BatchFrame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn payloads_encode_as_a_length_and_the_bytes_as_before() {
+        // postcard writes a byte string and a sequence of u8 alike (varint length, then the
+        // bytes), so peers built before payloads were byte strings read the same frames.
+        #[derive(Serialize)]
+        struct Old {
+            payload: Vec<u8>,
+        }
+        #[derive(Serialize)]
+        struct New {
+            #[serde(with = "serde_bytes")]
+            payload: Vec<u8>,
+        }
+        let payload: Vec<u8> = (0..300u32).map(|i| i as u8).collect();
+        let old = postcard::to_stdvec(&Old { payload: payload.clone() }).expect("old");
+        let new = postcard::to_stdvec(&New { payload }).expect("new");
+        assert_eq!(old, new);
+    }
 
     #[test]
     fn a_baseline_chunk_round_trips_and_refuses_damage_and_size() {
