@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tidemark_engine::{Durability, Engine, EngineConfig, GroupOptions, NullEvents, SystemClock};
+use tidemark_repl::Message;
 use tidemark_site::replication::session::{
-    run_primary, run_secondary, Channel, Limiter, PrimaryContext, ReplStats, SessionConfig, SessionEnd,
-    SessionError, SessionHost, SwapCall,
+    run_primary, run_secondary, to_wire, Channel, Limiter, PrimaryContext, ReplStats, SessionConfig,
+    SessionEnd, SessionError, SessionHost, SwapCall,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -16,7 +17,20 @@ struct TestHost {
     stats: Arc<ReplStats>,
     calls: parking_lot::Mutex<Option<mpsc::Sender<SwapCall>>>,
     lock: Arc<tokio::sync::Mutex<()>>,
+    epoch: Arc<watch::Sender<u64>>,
     changes: parking_lot::Mutex<Vec<String>>,
+}
+
+impl TestHost {
+    fn new(stats: &Arc<ReplStats>) -> Arc<TestHost> {
+        Arc::new(TestHost {
+            stats: stats.clone(),
+            calls: parking_lot::Mutex::new(None),
+            lock: Arc::new(tokio::sync::Mutex::new(())),
+            epoch: Arc::new(watch::channel(0).0),
+            changes: parking_lot::Mutex::new(Vec::new()),
+        })
+    }
 }
 
 impl SessionHost for TestHost {
@@ -30,6 +44,9 @@ impl SessionHost for TestHost {
     }
     fn session_lock(&self, _group: &str) -> Arc<tokio::sync::Mutex<()>> {
         self.lock.clone()
+    }
+    fn session_epoch(&self, _group: &str) -> Arc<watch::Sender<u64>> {
+        self.epoch.clone()
     }
     fn receiving(&self, _group: &str, _peer: &str) {}
     fn promoted(&self, group: &str, peer: &str, generation: u64) {
@@ -75,6 +92,16 @@ fn connect_limited(
     rstats: &Arc<ReplStats>,
     limiter: Option<Arc<parking_lot::Mutex<Limiter>>>,
 ) -> Pair {
+    connect_to(p, s, stats, TestHost::new(rstats), limiter)
+}
+
+fn connect_to(
+    p: &Arc<Engine>,
+    s: &Arc<Engine>,
+    stats: &Arc<ReplStats>,
+    host: Arc<TestHost>,
+    limiter: Option<Arc<parking_lot::Mutex<Limiter>>>,
+) -> Pair {
     let (a, b) = Channel::pair(64);
     let (stop, stop_rx) = watch::channel(false);
     let (swaps, swaps_rx) = mpsc::channel(1);
@@ -89,12 +116,6 @@ fn connect_limited(
         resync: None,
     };
     let primary = tokio::spawn(run_primary(group, a, context, stop_rx));
-    let host = Arc::new(TestHost {
-        stats: rstats.clone(),
-        calls: parking_lot::Mutex::new(None),
-        lock: Arc::new(tokio::sync::Mutex::new(())),
-        changes: parking_lot::Mutex::new(Vec::new()),
-    });
     let session_host: Arc<dyn SessionHost> = host.clone();
     let secondary = tokio::spawn(run_secondary(s.clone(), "b".into(), "a".into(), b, session_host));
     Pair { stop, primary, secondary, swaps, host }
@@ -162,6 +183,60 @@ async fn a_group_replicates_resumes_after_a_disconnect_and_after_a_restart() {
     })
     .await;
     compare(&s);
+    pair.stop.send(true).expect("stop");
+    let _ = pair.primary.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_primary_supersedes_a_stale_session_that_still_holds_the_group() {
+    // A primary that died (or was replaced by a takeover) leaves its secondary session waiting
+    // on a connection that only times out much later; the next session must not wait for it.
+    let (da, db) = (tempfile::tempdir().expect("a"), tempfile::tempdir().expect("b"));
+    let p = open(da.path());
+    let s = open(db.path());
+    p.create_group("db", GroupOptions::default()).expect("group");
+    p.create_volume("db", "data", 1 << 20, 4096).expect("volume");
+    let v = p.open_export("data").expect("export");
+    v.write(0, &[7u8; 4096], Durability::Fua).expect("write");
+    let group = p.group_handle("db").expect("group");
+    let rstats = fresh_stats();
+    let host = TestHost::new(&rstats);
+
+    // The stale session: a handshake, then silence on a connection that stays open.
+    let (mut dead, b) = Channel::pair(64);
+    let session_host: Arc<dyn SessionHost> = host.clone();
+    let stale = tokio::spawn(run_secondary(s.clone(), "b".into(), "a".into(), b, session_host));
+    let position = group.position();
+    let offer = Message::Offer {
+        position: to_wire(&position),
+        first_seq: position.first_seq,
+        name: "db".into(),
+        retention_seconds: group.options.retention_seconds,
+        journal_max_bytes: group.options.journal_max_bytes,
+    };
+    for message in [Message::Hello { protocol: tidemark_repl::PROTOCOL_VERSION, site: "a".into() }, offer] {
+        dead.tx.send(message.encode()).await.expect("send");
+    }
+    loop {
+        let frame = dead.rx.recv().await.expect("the stale session answers");
+        if let Ok(Message::Position(_)) = Message::decode(&frame) {
+            break; // it holds the group now
+        }
+    }
+
+    // The primary comes back on a new connection: it streams at once.
+    let stats = fresh_stats();
+    let pair = connect_to(&p, &s, &stats, host.clone(), None);
+    wait_until("the new session's acks", || {
+        stats.acked_seq.load(Ordering::Acquire) == group.position().last_seq.0
+    })
+    .await;
+    let ended = tokio::time::timeout(Duration::from_secs(5), stale).await.expect("the stale session ended");
+    assert!(
+        matches!(ended.expect("join"), Err(SessionError::Superseded)),
+        "the stale session was superseded"
+    );
+    drop(dead);
     pair.stop.send(true).expect("stop");
     let _ = pair.primary.await;
 }

@@ -313,6 +313,14 @@ impl SessionHost for Replication {
         self.session_locks.lock().entry(group.into()).or_default().clone()
     }
 
+    fn session_epoch(&self, group: &str) -> Arc<watch::Sender<u64>> {
+        self.session_epochs
+            .lock()
+            .entry(group.into())
+            .or_insert_with(|| Arc::new(watch::channel(0).0))
+            .clone()
+    }
+
     fn receiving(&self, group: &str, peer: &str) {
         let mut store = self.store.lock();
         if store.sources.get(group).map(String::as_str) == Some(peer) {
@@ -369,6 +377,8 @@ pub struct Replication {
     swap_calls: Mutex<HashMap<String, mpsc::Sender<SwapCall>>>,
     /// One incoming session per group at a time.
     session_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Incoming sessions per group so far (a newer one supersedes an older one).
+    session_epochs: Mutex<HashMap<String, Arc<watch::Sender<u64>>>>,
     /// The data directory (dirty blocks live in `overflow/` under it).
     data_dir: PathBuf,
     /// Dirty blocks of groups whose partner overflowed the journal (`resync`), as on disk.
@@ -412,6 +422,7 @@ impl Replication {
             limiters: Mutex::new(HashMap::new()),
             swap_calls: Mutex::new(HashMap::new()),
             session_locks: Mutex::new(HashMap::new()),
+            session_epochs: Mutex::new(HashMap::new()),
             data_dir: data_dir.to_path_buf(),
             dirty: Mutex::new(HashMap::new()),
         });

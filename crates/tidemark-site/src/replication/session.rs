@@ -219,6 +219,9 @@ pub enum SessionError {
     /// A newer primary exists.
     #[error("fenced: {0}")]
     Fenced(String),
+    /// A newer session from a partner replaced this one.
+    #[error("a newer replication session for the group replaced this one")]
+    Superseded,
     /// An engine call failed.
     #[error(transparent)]
     Engine(#[from] EngineError),
@@ -296,6 +299,12 @@ pub trait SessionHost: Send + Sync + 'static {
     fn swap_calls(&self, group: &str) -> mpsc::Receiver<SwapCall>;
     /// One incoming session per group at a time: a new one waits for the old to end.
     fn session_lock(&self, group: &str) -> Arc<tokio::sync::Mutex<()>>;
+    /// Incoming sessions of `group` so far: a new one bumps it, and an older one still running
+    /// ends (its primary reconnected, or died and another took its place, and the old
+    /// connection may not time out for a long while). The default never supersedes.
+    fn session_epoch(&self, _group: &str) -> Arc<watch::Sender<u64>> {
+        Arc::new(watch::channel(0).0)
+    }
     /// This site receives `group` from the partner `peer` (its primary).
     fn receiving(&self, group: &str, peer: &str);
     /// `group` was promoted here by a swap: the partner `peer` is its secondary now.
@@ -669,6 +678,14 @@ pub async fn run_secondary(
             other => return Err(SessionError::Protocol(format!("expected an offer, got {other:?}"))),
         }
     };
+    // A newer session supersedes an older one still holding the lock (see `session_epoch`).
+    let epoch = host.session_epoch(&name);
+    let mut mine = 0;
+    epoch.send_modify(|e| {
+        *e += 1;
+        mine = *e;
+    });
+    let mut superseded = epoch.subscribe();
     let lock = host.session_lock(&name);
     let _session = tokio::time::timeout(HANDSHAKE_TIMEOUT, lock.lock_owned())
         .await
@@ -741,6 +758,7 @@ pub async fn run_secondary(
     loop {
         let frame = tokio::select! {
             frame = ch.rx.recv() => frame.ok_or(SessionError::Closed)?,
+            () = replaced(&mut superseded, mine) => return Err(SessionError::Superseded),
             Some(call) = swaps.recv(), if asked.is_none() => {
                 send(&ch, &Message::SwapRequest { group_id: group.id }).await?;
                 asked = Some(call);
@@ -750,7 +768,11 @@ pub async fn run_secondary(
         let batch = match Message::decode(&frame) {
             Ok(Message::Batch(b)) => b,
             Ok(Message::BaselineBegin(header)) => {
-                return receive_baseline(&engine, &group, &mut ch, header, &stats).await;
+                // Cut short by a newer session, the staged part is discarded by the next one.
+                return tokio::select! {
+                    end = receive_baseline(&engine, &group, &mut ch, header, &stats) => end,
+                    () = replaced(&mut superseded, mine) => Err(SessionError::Superseded),
+                };
             }
             Ok(Message::SwapPrepare { generation, last_seq, chain, .. }) => {
                 let position = group.position();
@@ -811,6 +833,13 @@ pub async fn run_secondary(
         };
         stats.acked_seq.store(last.0, Ordering::Release);
         send(&ch, &receiver.on_durable(last)).await?;
+    }
+}
+
+/// Resolves when a session newer than `mine` has started (never, if the epoch is gone).
+async fn replaced(epoch: &mut watch::Receiver<u64>, mine: u64) {
+    if epoch.wait_for(|e| *e != mine).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
