@@ -225,47 +225,34 @@ impl Site {
     }
 }
 
-/// qemu-nbd serving a raw file, the baseline.
-pub struct QemuNbd {
+/// Another NBD server serving a raw file (qemu-nbd or nbdkit), started and stopped by the bench.
+pub struct ExternalServer {
     child: Guarded,
     addr: SocketAddr,
     export: String,
 }
 
-impl QemuNbd {
-    /// The arguments qemu-nbd runs with (besides port, export name and file).
-    pub const OPTIONS: [&'static str; 6] =
-        ["--cache=none", "--aio=native", "-f", "raw", "--persistent", "--shared=8"];
-
-    /// Serve `image` as `export` and wait for the greeting.
-    pub fn start(image: &Path, export: &str) -> Result<QemuNbd> {
-        let addr = free_loopback_port()?;
-        let log_path = image.with_extension("log");
+impl ExternalServer {
+    /// Run `program` with `args`, its output in `log_path`, and wait for its greeting at `addr`.
+    fn spawn(
+        program: &str,
+        args: &[String],
+        log_path: &Path,
+        addr: SocketAddr,
+        export: &str,
+    ) -> Result<Self> {
         let log =
-            std::fs::File::create(&log_path).with_context(|| format!("create {}", log_path.display()))?;
-        let mut command = Command::new("qemu-nbd");
+            std::fs::File::create(log_path).with_context(|| format!("create {}", log_path.display()))?;
+        let mut command = Command::new(program);
         command
-            .arg("-t")
-            .arg("-b")
-            .arg(addr.ip().to_string())
-            .arg("-p")
-            .arg(addr.port().to_string())
-            .arg("-x")
-            .arg(export)
-            .args(Self::OPTIONS)
-            .arg(image)
+            .args(args)
             .stdin(Stdio::null())
-            .stdout(log.try_clone().context("duplicate qemu-nbd log handle")?)
+            .stdout(log.try_clone().with_context(|| format!("duplicate {program} log handle"))?)
             .stderr(log);
-        let mut child = Guarded::spawn(&mut command, "qemu-nbd")?;
+        let mut child = Guarded::spawn(&mut command, program)?;
         wait_for_greeting(addr, &mut child)
-            .with_context(|| format!("start qemu-nbd (log: {})", log_path.display()))?;
-        Ok(QemuNbd { child, addr, export: export.to_string() })
-    }
-
-    /// The command line, for the report.
-    pub fn command_line(image: &str, export: &str) -> String {
-        format!("qemu-nbd -t -b 127.0.0.1 -p PORT -x {export} {} {image}", Self::OPTIONS.join(" "))
+            .with_context(|| format!("start {program} (log: {})", log_path.display()))?;
+        Ok(ExternalServer { child, addr, export: export.to_string() })
     }
 
     /// `nbd://` URI of its export.
@@ -285,12 +272,38 @@ impl QemuNbd {
     }
 }
 
-/// nbdkit's file plugin serving a raw file, the second baseline.
-pub struct Nbdkit {
-    child: Guarded,
-    addr: SocketAddr,
-    export: String,
+/// qemu-nbd serving a raw file, the baseline.
+pub struct QemuNbd;
+
+impl QemuNbd {
+    /// The arguments qemu-nbd runs with (besides port, export name and file).
+    pub const OPTIONS: [&'static str; 6] =
+        ["--cache=none", "--aio=native", "-f", "raw", "--persistent", "--shared=8"];
+
+    /// Serve `image` as `export` and wait for the greeting.
+    pub fn start(image: &Path, export: &str) -> Result<ExternalServer> {
+        let addr = free_loopback_port()?;
+        let mut args: Vec<String> = ["-t", "-b"].map(String::from).to_vec();
+        args.extend([
+            addr.ip().to_string(),
+            "-p".into(),
+            addr.port().to_string(),
+            "-x".into(),
+            export.into(),
+        ]);
+        args.extend(Self::OPTIONS.map(String::from));
+        args.push(image.display().to_string());
+        ExternalServer::spawn("qemu-nbd", &args, &image.with_extension("log"), addr, export)
+    }
+
+    /// The command line, for the report.
+    pub fn command_line(image: &str, export: &str) -> String {
+        format!("qemu-nbd -t -b 127.0.0.1 -p PORT -x {export} {} {image}", Self::OPTIONS.join(" "))
+    }
 }
+
+/// nbdkit's file plugin serving a raw file, the second baseline.
+pub struct Nbdkit;
 
 impl Nbdkit {
     /// The plugin and its settings (besides the file): the plugin's defaults, which go
@@ -299,48 +312,23 @@ impl Nbdkit {
 
     /// Serve `image` and wait for the greeting. The file plugin serves the same file under
     /// any export name; `export` is the name clients ask for.
-    pub fn start(image: &Path, export: &str) -> Result<Nbdkit> {
+    pub fn start(image: &Path, export: &str) -> Result<ExternalServer> {
         let addr = free_loopback_port()?;
-        let log_path = image.with_extension("nbdkit.log");
-        let log =
-            std::fs::File::create(&log_path).with_context(|| format!("create {}", log_path.display()))?;
-        let mut command = Command::new("nbdkit");
-        command
-            .args(Self::OPTIONS)
-            .arg("-i")
-            .arg(addr.ip().to_string())
-            .arg("-p")
-            .arg(addr.port().to_string())
-            .arg("file")
-            .arg(format!("file={}", image.display()))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().context("duplicate nbdkit log handle")?)
-            .stderr(log);
-        let mut child = Guarded::spawn(&mut command, "nbdkit")?;
-        wait_for_greeting(addr, &mut child)
-            .with_context(|| format!("start nbdkit (log: {})", log_path.display()))?;
-        Ok(Nbdkit { child, addr, export: export.to_string() })
+        let mut args: Vec<String> = Self::OPTIONS.map(String::from).to_vec();
+        args.extend([
+            "-i".into(),
+            addr.ip().to_string(),
+            "-p".into(),
+            addr.port().to_string(),
+            "file".into(),
+        ]);
+        args.push(format!("file={}", image.display()));
+        ExternalServer::spawn("nbdkit", &args, &image.with_extension("nbdkit.log"), addr, export)
     }
 
     /// The command line, for the report.
     pub fn command_line(image: &str) -> String {
         format!("nbdkit {} -i 127.0.0.1 -p PORT file file={image}", Self::OPTIONS.join(" "))
-    }
-
-    /// `nbd://` URI of its export.
-    pub fn uri(&self) -> String {
-        format!("nbd://{}/{}", self.addr, self.export)
-    }
-
-    /// Process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Stop it with SIGTERM.
-    pub fn stop(mut self) -> Result<()> {
-        self.child.signal_and_wait(Signal::TERM, Duration::from_secs(STOP_DEADLINE_SECONDS))?;
-        Ok(())
     }
 }
 
