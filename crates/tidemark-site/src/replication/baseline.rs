@@ -40,27 +40,36 @@ type VolumeMap = (VolumeMeta, Vec<(u64, u64)>);
 
 /// Allocated byte ranges of each volume at the baseline's seq.
 fn allocated(group: &Group, target: &BaselineTarget) -> Result<Vec<VolumeMap>, EngineError> {
-    let mut out = Vec::new();
-    for meta in &target.volumes {
-        let mut ranges: Vec<(u64, u64)> = Vec::new();
-        let mut offset = 0;
-        while offset < meta.size_bytes {
-            let len = MAP_WINDOW_BYTES.min(meta.size_bytes - offset);
-            let mut at = offset;
-            for (length, allocated, zero) in group.allocation(meta.id, offset, len, Some(target.seq))? {
-                if allocated && !zero {
-                    match ranges.last_mut() {
-                        Some((start, end)) if *end == at => *end += length,
-                        _ => ranges.push((at, at + length)),
-                    }
+    target
+        .volumes
+        .iter()
+        .map(|meta| Ok((meta.clone(), allocated_ranges(group, meta, Some(target.seq))?)))
+        .collect()
+}
+
+/// Allocated, non-zero byte ranges of volume `meta` (up to its size) at `at` (`None`: now).
+fn allocated_ranges(
+    group: &Group,
+    meta: &VolumeMeta,
+    at: Option<Seq>,
+) -> Result<Vec<(u64, u64)>, EngineError> {
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut offset = 0;
+    while offset < meta.size_bytes {
+        let len = MAP_WINDOW_BYTES.min(meta.size_bytes - offset);
+        let mut at_offset = offset;
+        for (length, allocated, zero) in group.allocation(meta.id, offset, len, at)? {
+            if allocated && !zero {
+                match ranges.last_mut() {
+                    Some((_, end)) if *end == at_offset => *end += length,
+                    _ => ranges.push((at_offset, at_offset + length)),
                 }
-                at += length;
             }
-            offset += len;
+            at_offset += length;
         }
-        out.push((meta.clone(), ranges));
+        offset += len;
     }
-    Ok(out)
+    Ok(ranges)
 }
 
 /// Byte ranges of each volume a resync sends: the dirty blocks, and every block changed in the
@@ -253,31 +262,21 @@ fn fill_from_copy(
     mut covered: BTreeMap<u32, Vec<(u64, u64)>>,
 ) -> Result<(), EngineError> {
     let current = group.volumes();
-    let position = group.position();
     for meta in volumes {
         let Some(here) = current.iter().find(|m| m.id == meta.id) else { continue };
-        let size = here.size_bytes.min(meta.size_bytes);
-        let target = BaselineTarget {
-            seq: position.last_seq,
-            chain: position.chain,
-            time: tidemark_journal::UnixNanos(0),
-            generation: 0,
-            generations: Vec::new(),
-            volumes: vec![VolumeMeta { size_bytes: size, ..here.clone() }],
-        };
+        let kept = VolumeMeta { size_bytes: here.size_bytes.min(meta.size_bytes), ..here.clone() };
         let sent = covered.remove(&meta.id.0).unwrap_or_default();
-        for (_, ranges) in allocated(group, &target)? {
-            for (start, end) in subtract(&ranges, &sent) {
-                let mut offset = start;
-                while offset < end {
-                    let len = READ_BYTES.min(end - offset);
-                    let mut buf = vec![0u8; len as usize];
-                    group.read(meta.id, offset, &mut buf, None)?;
-                    for (at, r) in nonzero_runs(&buf, offset, meta.block_size_bytes as usize) {
-                        staged.write(meta.id.0, at, &buf[r])?;
-                    }
-                    offset += len;
+        let ranges = allocated_ranges(group, &kept, None)?;
+        for (start, end) in subtract(&ranges, &sent) {
+            let mut offset = start;
+            while offset < end {
+                let len = READ_BYTES.min(end - offset);
+                let mut buf = vec![0u8; len as usize];
+                group.read(meta.id, offset, &mut buf, None)?;
+                for (at, r) in nonzero_runs(&buf, offset, meta.block_size_bytes as usize) {
+                    staged.write(meta.id.0, at, &buf[r])?;
                 }
+                offset += len;
             }
         }
     }
