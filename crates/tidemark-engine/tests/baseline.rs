@@ -2,44 +2,18 @@
 //! own copy, switches to it atomically, and continues with the partner's journal after it; a
 //! crash before the commit point leaves the old copy, a crash after it finishes the switch.
 
+mod common;
+
 use std::sync::Arc;
-use std::time::Duration;
+
+use common::{open, ship};
 
 use tidemark_engine::baseline::StagedBaseline;
-use tidemark_engine::{
-    Durability, Engine, EngineConfig, EngineError, GroupOptions, ImageMode, MemoryEvents, Point, SystemClock,
-};
-use tidemark_journal::record::decode_all;
+use tidemark_engine::{Durability, Engine, EngineError, GroupOptions, ImageMode, Point};
 use tidemark_journal::storage::OsStorage;
 use tidemark_journal::Seq;
 
 const VOLUME_BYTES: u64 = 8 << 20;
-
-fn open(dir: &std::path::Path) -> Arc<Engine> {
-    let mut config = EngineConfig::new(dir, Arc::new(MemoryEvents::default()));
-    config.maintenance_interval = Duration::from_secs(3600);
-    Engine::open(config, Arc::new(SystemClock)).expect("open engine")
-}
-
-/// Ship `from`'s durable records after the secondary's last seq.
-fn ship(from: &Engine, to: &Engine) -> u64 {
-    let p = from.group_handle("db").expect("primary group");
-    let s = to.group_handle("db").expect("secondary group");
-    let start = Seq(s.position().last_seq.0 + 1);
-    let end = p.position().durable_seq;
-    let mut shipped = 0;
-    let (mut location, mut next) = (p.locate(start).expect("locate"), start);
-    while next <= end {
-        let raw = p.read_for_shipping(location, next, 1 << 20).expect("read");
-        let records = decode_all(&raw.bytes).expect("decode");
-        shipped += records.len() as u64;
-        s.apply_replicated(&records).expect("apply");
-        s.flush().expect("flush");
-        location = raw.next;
-        next = Seq(raw.last.0 + 1);
-    }
-    shipped
-}
 
 fn write(engine: &Engine, block: u64, fill: u8) {
     let v = engine.open_export("data").expect("export");
@@ -106,7 +80,7 @@ fn a_baseline_switches_atomically_and_the_journal_continues_after_it() {
     // The journal continues: later records apply on top, chain checked.
     write(&primary, 1, 0xEE);
     primary.group_handle("db").expect("g").flush().expect("flush");
-    assert_eq!(ship(&primary, &secondary), 1);
+    assert_eq!(ship(&primary, &secondary, "db", 1 << 20), 1);
     assert!(image(&primary) == image(&secondary));
     // And all of it survives a restart.
     drop(secondary);
@@ -120,7 +94,7 @@ fn a_baseline_cut_short_leaves_the_old_copy_and_no_staged_files() {
     let (a, b) = (tempfile::tempdir().expect("a"), tempfile::tempdir().expect("b"));
     let (primary, secondary) = pair(a.path(), b.path());
     primary.group_handle("db").expect("g").flush().expect("flush");
-    ship(&primary, &secondary);
+    ship(&primary, &secondary, "db", 1 << 20);
     let before = image(&secondary);
     write(&primary, 5, 0x55);
     let staged = stage(&primary, &secondary);
@@ -160,7 +134,7 @@ fn a_baseline_is_refused_while_images_read_the_history_it_replaces() {
     let (a, b) = (tempfile::tempdir().expect("a"), tempfile::tempdir().expect("b"));
     let (primary, secondary) = pair(a.path(), b.path());
     primary.group_handle("db").expect("g").flush().expect("flush");
-    ship(&primary, &secondary);
+    ship(&primary, &secondary, "db", 1 << 20);
     secondary.create_image("db", &Point::Latest, "look", ImageMode::ReadOnly).expect("image");
     let target = primary.group_handle("db").expect("g").baseline_point().expect("point");
     match secondary.begin_baseline("db", target) {

@@ -1,50 +1,13 @@
 //! A group copied to a second engine the way replication does it: read durable records on the
 //! primary, apply them on a secondary that shares the group id.
 
-use std::sync::Arc;
-use std::time::Duration;
+mod common;
 
-use tidemark_engine::{
-    Durability, Engine, EngineConfig, EngineError, GroupOptions, ImageMode, MemoryEvents, Point, SystemClock,
-};
+use common::{open, ship};
+
+use tidemark_engine::{Durability, EngineError, GroupOptions, ImageMode, Point};
 use tidemark_journal::record::decode;
 use tidemark_journal::Seq;
-
-fn open(dir: &std::path::Path) -> Arc<Engine> {
-    let mut config = EngineConfig::new(dir, Arc::new(MemoryEvents::default()));
-    config.maintenance_interval = Duration::from_secs(3600);
-    Engine::open(config, Arc::new(SystemClock)).expect("open engine")
-}
-
-/// Ship everything durable on `from`'s group to `to`'s group; returns records shipped.
-fn ship(from: &Engine, to: &Engine, group: &str) -> u64 {
-    let p = from.group_handle(group).expect("primary group");
-    let s = to.group_handle(group).expect("secondary group");
-    let start = Seq(s.position().last_seq.0 + 1);
-    let end = p.position().durable_seq;
-    if start > end {
-        return 0;
-    }
-    let mut location = p.locate(start).expect("locate");
-    let mut next = start;
-    let mut shipped = 0;
-    while next <= end {
-        let raw = p.read_for_shipping(location, next, 64 << 10).expect("read");
-        let mut rest: &[u8] = &raw.bytes;
-        let mut records = Vec::new();
-        while !rest.is_empty() {
-            let total = u32::from_le_bytes(rest[4..8].try_into().expect("len")) as usize;
-            records.push(decode(&rest[..total], None).expect("decode"));
-            rest = &rest[total..];
-        }
-        shipped += records.len() as u64;
-        s.apply_replicated(&records).expect("apply");
-        s.flush().expect("flush");
-        location = raw.next;
-        next = Seq(raw.last.0 + 1);
-    }
-    shipped
-}
 
 #[test]
 fn a_secondary_receives_volumes_data_and_bookmarks_in_band() {
@@ -61,9 +24,9 @@ fn a_secondary_receives_volumes_data_and_bookmarks_in_band() {
     v.write(4096, &[2u8; 4096], Durability::Buffered).expect("write");
     v.trim(1 << 20, 1 << 20, Durability::Buffered).expect("trim");
     // Not yet durable on the primary: nothing past the bookmark ships.
-    let before = ship(&primary, &secondary, "db");
+    let before = ship(&primary, &secondary, "db", 64 << 10);
     v.flush().expect("flush");
-    let after = ship(&primary, &secondary, "db");
+    let after = ship(&primary, &secondary, "db", 64 << 10);
     assert!(after > 0, "flushed records ship ({before} before the flush)");
 
     let info = secondary.group("db").expect("group");
@@ -101,7 +64,7 @@ fn a_record_that_does_not_continue_the_secondary_history_is_refused_unwritten() 
     primary.create_volume("g", "v", 1 << 20, 4096).expect("volume");
     let v = primary.open_export("v").expect("export");
     v.write(0, &[5u8; 4096], Durability::Fua).expect("write");
-    ship(&primary, &secondary, "g");
+    ship(&primary, &secondary, "g", 64 << 10);
     v.write(0, &[6u8; 4096], Durability::Fua).expect("write");
     let p = primary.group_handle("g").expect("p");
     let s = secondary.group_handle("g").expect("s");

@@ -2,46 +2,15 @@
 //! its divergent tail as a salvage image and rewinds to the fork, takeover at an earlier point,
 //! and the engine's half of a planned swap.
 
+mod common;
+
 use std::sync::Arc;
-use std::time::Duration;
+
+use common::{open, ship};
 
 use tidemark_engine::group::Promotion;
 use tidemark_engine::persist::Role;
-use tidemark_engine::{
-    Durability, Engine, EngineConfig, EngineError, GroupOptions, ImageMode, MemoryEvents, Point, SystemClock,
-};
-use tidemark_journal::record::decode_all;
-use tidemark_journal::Seq;
-
-fn open(dir: &std::path::Path) -> Arc<Engine> {
-    let mut config = EngineConfig::new(dir, Arc::new(MemoryEvents::default()));
-    config.maintenance_interval = Duration::from_secs(3600);
-    Engine::open(config, Arc::new(SystemClock)).expect("open engine")
-}
-
-/// Ship everything durable on `from`'s group to `to`'s group; returns records shipped.
-fn ship(from: &Engine, to: &Engine, group: &str) -> u64 {
-    let p = from.group_handle(group).expect("primary group");
-    let s = to.group_handle(group).expect("secondary group");
-    let start = Seq(s.position().last_seq.0 + 1);
-    let end = p.position().durable_seq;
-    if start > end {
-        return 0;
-    }
-    let mut location = p.locate(start).expect("locate");
-    let mut next = start;
-    let mut shipped = 0;
-    while next <= end {
-        let raw = p.read_for_shipping(location, next, 1 << 20).expect("read");
-        let records = decode_all(&raw.bytes).expect("decode");
-        shipped += records.len() as u64;
-        s.apply_replicated(&records).expect("apply");
-        s.flush().expect("flush");
-        location = raw.next;
-        next = Seq(raw.last.0 + 1);
-    }
-    shipped
-}
+use tidemark_engine::{Durability, Engine, EngineError, GroupOptions, ImageMode, Point};
 
 fn block(engine: &Engine, export: &str, n: u64) -> Vec<u8> {
     let e = engine.open_export(export).expect("export");
@@ -67,7 +36,7 @@ fn pair(a: &std::path::Path, b: &std::path::Path) -> (Arc<Engine>, Arc<Engine>) 
         write(&primary, n, 1);
     }
     primary.group_handle("db").expect("g").flush().expect("flush");
-    assert!(ship(&primary, &secondary, "db") > 0);
+    assert!(ship(&primary, &secondary, "db", 1 << 20) > 0);
     (primary, secondary)
 }
 
@@ -118,7 +87,7 @@ fn takeover_then_failback_keeps_the_divergent_tail_and_rewinds_to_the_fork() {
     // It continues the new primary's history with only what was written since the fork.
     let lineage = new.group_handle("db").expect("g").role_state();
     g.adopt_lineage(lineage.generation, &lineage.generations).expect("adopt");
-    let shipped = ship(&new, &old, "db");
+    let shipped = ship(&new, &old, "db", 1 << 20);
     assert_eq!(shipped, new.group_handle("db").expect("g").position().last_seq.0 - fork.seq.0);
     for n in 0..12 {
         assert_eq!(block(&old, "data", n), block(&new, "data", n), "block {n}");
@@ -169,7 +138,7 @@ fn takeover_at_an_earlier_point_rolls_back_under_the_new_generation() {
     old.create_bookmark("db", "good").expect("bookmark");
     write(&old, 0, 66); // the "bad write"
     old.group_handle("db").expect("g").flush().expect("flush");
-    ship(&old, &new, "db");
+    ship(&old, &new, "db", 1 << 20);
     assert_eq!(block(&new, "data", 0), vec![66u8; 4096]);
     let fork = new.takeover("db", Some(&Point::Bookmark("good".into())), "recover").expect("takeover");
     assert_eq!(block(&new, "data", 0), vec![1u8; 4096]);
@@ -197,7 +166,7 @@ fn a_swap_refuses_writes_from_its_start_and_leaves_one_primary_per_generation() 
     let position = g.begin_swap(2).expect("begin");
     let v = old.open_export("data").expect("export");
     assert!(matches!(v.write(0, &[5u8; 4096], Durability::Fua), Err(EngineError::RoleChanging { .. })));
-    ship(&old, &new, "db");
+    ship(&old, &new, "db", 1 << 20);
     let s = new.group_handle("db").expect("g");
     assert_eq!(s.position().last_seq, position.last_seq);
     assert_eq!(s.position().chain, position.chain);
@@ -208,7 +177,7 @@ fn a_swap_refuses_writes_from_its_start_and_leaves_one_primary_per_generation() 
     g.adopt_lineage(2, &s.role_state().generations).expect("adopt");
     write(&new, 7, 7);
     s.flush().expect("flush");
-    assert_eq!(ship(&new, &old, "db"), 1);
+    assert_eq!(ship(&new, &old, "db", 1 << 20), 1);
     assert_eq!(block(&old, "data", 7), vec![7u8; 4096]);
     let changes = g.role_state().role_changes;
     assert_eq!(
