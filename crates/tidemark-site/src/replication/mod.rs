@@ -690,6 +690,10 @@ impl Replication {
                     return Ok(());
                 }
                 let existing = self.dirty.lock().get(group).cloned();
+                if existing.as_ref().is_some_and(|d| d.through >= position.last_seq.0) {
+                    // Nothing written since the last round: no index walk under the group lock.
+                    return Ok(());
+                }
                 let first = existing.is_none();
                 let mut dirty = match existing {
                     Some(d) => d,
