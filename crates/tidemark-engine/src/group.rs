@@ -5,13 +5,14 @@
 //! replaying the journal at start-up, so the state after recovery is by construction the state
 //! the live path would have built from the same records (invariant 2).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 use tidemark_journal::record::HEADER_BYTES;
-use tidemark_journal::storage::{Storage, StorageFile};
+use tidemark_journal::storage::{replace_file, Storage, StorageFile};
 use tidemark_journal::{
     genesis_chain, ChainHash, Control, Generation, Journal, JournalConfig, JournalError, Location,
     RawRecords, Record, RecordBody, Seq, UnixNanos, VolumeId, ZeroMode,
@@ -23,10 +24,11 @@ use crate::error::{EngineError, Result};
 use crate::events::{EngineEvent, EventSink};
 use crate::index::{Version, VolumeIndex};
 use crate::persist::{
-    read_control, read_framed, write_control, write_framed, BookmarkEntry, Checkpoint, ControlState,
+    encode_checkpoint, read_checkpoint, read_control, write_control, BookmarkEntry, Checkpoint, ControlState,
     ForkPoint, GenerationStart, Role, RoleChange, RollbackEntry, SwapPending, VolumeMeta, CHECKPOINT_FILE,
-    CHECKPOINT_MAGIC, CONTROL_FILE,
+    CONTROL_FILE,
 };
+use crate::times::RecordTimes;
 use crate::types::{GroupOptions, Point, PointInfo, Progress};
 use crate::Clock;
 
@@ -81,9 +83,8 @@ pub struct Tables {
     index: HashMap<VolumeId, VolumeIndex>,
     bookmarks: Vec<BookmarkEntry>,
     rollbacks: Vec<RollbackEntry>,
-    /// Source time of every record from `times_first_seq` on (times never decrease).
-    times: VecDeque<u64>,
-    times_first_seq: Seq,
+    /// Source time of every record after the horizon (times never decrease).
+    times: RecordTimes,
     records_since_checkpoint: u64,
     storage: Arc<dyn Storage>,
 }
@@ -172,7 +173,7 @@ fn load_state(
             CONTROL_FILE,
         ))?;
     }
-    let checkpoint: Option<Checkpoint> = match read_framed(&**storage, CHECKPOINT_FILE, CHECKPOINT_MAGIC) {
+    let checkpoint = match read_checkpoint(&**storage) {
         Ok(c) => c,
         Err(reason) => {
             // Derived state: rebuild from the journal rather than refuse to start.
@@ -190,18 +191,15 @@ fn load_state(
     let checkpoint = checkpoint
         .filter(|c| c.resume.next_seq.0 > control.base_applied.0 && segment_exists(c.resume.location));
     let mut state = Tables::new(control.clone(), storage.clone());
-    let resume = match &checkpoint {
+    let resume = match checkpoint {
         Some(c) => {
-            for meta in &c.volumes {
-                state.add_volume(meta.clone());
+            for meta in c.volumes {
+                state.add_volume(meta);
             }
-            for (volume, blocks) in &c.index {
-                state.index.insert(*volume, VolumeIndex::from_pairs(blocks.iter().cloned()));
-            }
-            state.bookmarks = c.bookmarks.clone();
-            state.rollbacks = c.rollbacks.clone();
-            state.times = c.times.iter().copied().collect();
-            state.times_first_seq = c.times_first_seq;
+            state.index = c.index.into_iter().map(|(volume, index)| (volume, index.into_owned())).collect();
+            state.times = c.times.into_owned();
+            state.bookmarks = c.bookmarks;
+            state.rollbacks = c.rollbacks;
             Some(c.resume)
         }
         None => {
@@ -224,8 +222,7 @@ fn load_state(
     // Versions at or before base_applied are already in the base images.
     let applied = state.control.base_applied;
     for index in state.index.values_mut() {
-        let blocks: Vec<u64> = index.iter().map(|(b, _)| b).collect();
-        index.take_through(blocks, applied);
+        index.take_through(applied);
     }
     let horizon = state.control.horizon;
     state.bookmarks.retain(|b| b.seq > horizon);
@@ -533,8 +530,8 @@ impl Group {
                     .get(&v.meta.id)
                     .map(|index| {
                         index
-                            .iter()
-                            .filter(|(_, versions)| versions.newest().is_some_and(|n| n.seq > seq.0))
+                            .blocks_at(0..u64::MAX, None)
+                            .filter(|(_, newest)| newest.seq > seq.0)
                             .map(|(block, _)| block)
                             .collect()
                     })
@@ -1078,8 +1075,8 @@ impl Group {
             let Some(index) = st.index.get(id) else { continue };
             let bs = u64::from(vol.meta.block_size_bytes);
             let mut run: Option<(u64, u64)> = None;
-            for (block, versions) in index.iter() {
-                if versions.newest().is_none_or(|v| v.seq <= target.0) {
+            for (block, newest) in index.blocks_at(0..u64::MAX, None) {
+                if newest.seq <= target.0 {
                     continue;
                 }
                 run = match run {
@@ -1219,12 +1216,7 @@ impl Group {
         let ids: Vec<VolumeId> = st.index.keys().copied().collect();
         for id in ids {
             let Some(index) = st.index.get_mut(&id) else { continue };
-            let blocks: Vec<u64> = index
-                .iter()
-                .filter(|(_, v)| v.iter().next().is_some_and(|o| o.seq <= horizon.0))
-                .map(|(b, _)| b)
-                .collect();
-            let moved = index.take_through(blocks, horizon);
+            let moved = index.take_through(horizon);
             let Some(vol) = st.volumes.get(&id) else { continue };
             let bs = u64::from(vol.meta.block_size_bytes);
             let base = vol.base.clone();
@@ -1235,7 +1227,7 @@ impl Group {
             let mut buf = vec![0u8; bs as usize];
             for (block, version) in moved {
                 let offset = block * bs;
-                match version.location() {
+                match version_location(&st.journal, &version, &self.name)? {
                     Some(loc) => {
                         read_journal_block(&st.journal, loc, version.crc, &mut buf, &self.name)?;
                         base.write(offset, &buf).map_err(base_err(offset))?;
@@ -1259,10 +1251,7 @@ impl Group {
         if let Some(segment) = remove_before_segment {
             st.journal.remove_segments_before(segment)?;
         }
-        while st.times_first_seq <= horizon && !st.times.is_empty() {
-            st.times.pop_front();
-            st.times_first_seq = Seq(st.times_first_seq.0 + 1);
-        }
+        st.times.drop_through(horizon);
         st.bookmarks.retain(|b| b.seq > horizon);
         st.rollbacks.retain(|r| r.begin > horizon);
         Ok(())
@@ -1279,13 +1268,15 @@ impl Group {
                 return Ok(false);
             }
             st.records_since_checkpoint = 0;
-            (st.snapshot(), st.journal.sync_ticket())
+            let bytes =
+                st.snapshot().map_err(io_err("encode checkpoint", &*self.storage, CHECKPOINT_FILE))?;
+            (bytes, st.journal.sync_ticket())
         };
         // The checkpoint must never point past what the journal holds durably.
         if let Some(ticket) = ticket {
             self.sync_through(ticket.upto)?;
         }
-        write_framed(&*self.storage, CHECKPOINT_FILE, CHECKPOINT_MAGIC, &checkpoint).map_err(io_err(
+        replace_file(&*self.storage, CHECKPOINT_FILE, &checkpoint).map_err(io_err(
             "write checkpoint",
             &*self.storage,
             CHECKPOINT_FILE,
@@ -1319,17 +1310,15 @@ impl Group {
         // Per block state from the index where it has a version, else from the base.
         let mut overrides: BTreeMap<u64, (bool, bool)> = BTreeMap::new();
         if let Some(index) = st.index.get(&volume) {
-            for (block, versions) in index.range(first..last) {
-                if let Some(v) = versions.at(at) {
-                    let state = if !v.is_zero() {
-                        (true, false)
-                    } else if v.crc == ZERO_ALLOCATED {
-                        (true, true)
-                    } else {
-                        (false, true)
-                    };
-                    overrides.insert(block, state);
-                }
+            for (block, v) in index.blocks_at(first..last, at) {
+                let state = if !v.is_zero() {
+                    (true, false)
+                } else if v.crc == ZERO_ALLOCATED {
+                    (true, true)
+                } else {
+                    (false, true)
+                };
+                overrides.insert(block, state);
             }
         }
         let base_state = |block: u64| -> (bool, bool) {
@@ -1376,6 +1365,9 @@ impl Group {
             oldest: st.point_info(st.control.horizon),
             newest: st.point_info(last_seq),
             journal_bytes: st.journal.bytes(),
+            index_versions: st.index.values().map(|i| i.len() as u64).sum(),
+            index_bytes: st.index.values().map(|i| i.memory_bytes() as u64).sum::<u64>()
+                + st.times.memory_bytes() as u64,
         }
     }
 }
@@ -1437,6 +1429,10 @@ pub struct GroupSummary {
     pub newest: PointInfo,
     /// Journal bytes.
     pub journal_bytes: u64,
+    /// Block versions in the index (the retention window's history).
+    pub index_versions: u64,
+    /// Bytes the index and the table of record times have allocated.
+    pub index_bytes: u64,
 }
 
 /// One record's worth of a write, hashed ahead of the lock.
@@ -1472,6 +1468,17 @@ fn check_range(meta: &VolumeMeta, offset: u64, length: u64) -> Result<()> {
             meta.name, meta.size_bytes
         ))),
     }
+}
+
+/// Where a data version's bytes are (in the segment that holds its record); `None` for a zero
+/// version.
+fn version_location(journal: &Journal, version: &Version, group: &str) -> Result<Option<Location>> {
+    let Some(offset) = version.offset() else { return Ok(None) };
+    let segment = journal.segment_of(Seq(version.seq)).ok_or_else(|| EngineError::Failed {
+        group: group.into(),
+        reason: format!("no journal segment holds record {}, which the index refers to", version.seq),
+    })?;
+    Ok(Some(Location { segment, offset }))
 }
 
 fn read_journal_block(journal: &Journal, loc: Location, crc: u32, buf: &mut [u8], group: &str) -> Result<()> {
@@ -1546,13 +1553,12 @@ fn execute_read(pieces: &[Piece], buf: &mut [u8], group: &str) -> Result<()> {
 impl Tables {
     fn new(control: ControlState, storage: Arc<dyn Storage>) -> Tables {
         Tables {
-            times_first_seq: Seq(control.horizon.0 + 1),
             control,
             volumes: BTreeMap::new(),
             index: HashMap::new(),
             bookmarks: Vec::new(),
             rollbacks: Vec::new(),
-            times: VecDeque::new(),
+            times: RecordTimes::default(),
             records_since_checkpoint: 0,
             storage,
         }
@@ -1638,7 +1644,7 @@ impl Tables {
                     let mut blocks: BTreeSet<u64> = self
                         .index
                         .get(volume)
-                        .map(|i| i.range(first..last).map(|(b, _)| b).collect())
+                        .map(|i| i.blocks_at(first..last, None).map(|(b, _)| b).collect())
                         .unwrap_or_default();
                     let ranges = vol.base.data_ranges(first * bs, (last - first) * bs).map_err(|source| {
                         EngineError::Io {
@@ -1650,10 +1656,8 @@ impl Tables {
                     for (s, e) in ranges {
                         blocks.extend(s / bs..e.div_ceil(bs));
                     }
-                    let mut version = Version::zero(record.seq);
-                    if *mode == ZeroMode::Allocate {
-                        version.crc = ZERO_ALLOCATED;
-                    }
+                    let marker = if *mode == ZeroMode::Allocate { ZERO_ALLOCATED } else { 0 };
+                    let version = Version::zero(record.seq, marker);
                     let index = self.index.entry(*volume).or_default();
                     for b in blocks {
                         index.push(b, version);
@@ -1727,31 +1731,19 @@ impl Tables {
             let index = self.index.entry(volume).or_default();
             for (i, &crc) in crcs.iter().enumerate() {
                 let i = i as u64;
-                index.push(first + i, Version::data(seq, location.segment, data_start + i * bs, crc));
+                index.push(first + i, Version::data(seq, data_start + i * bs, crc));
             }
         }
         self.note_record(seq, time);
     }
 
     fn note_record(&mut self, seq: Seq, time: UnixNanos) {
-        if self.times.is_empty() {
-            self.times_first_seq = seq;
-        }
-        debug_assert_eq!(
-            self.times_first_seq.0 + self.times.len() as u64,
-            seq.0,
-            "records must be applied in seq order"
-        );
-        self.times.push_back(time.0);
+        self.times.push(seq, time);
         self.records_since_checkpoint += 1;
     }
 
     fn time_of(&self, seq: Seq) -> UnixNanos {
-        if seq <= self.control.horizon && seq.0 < self.times_first_seq.0 {
-            return self.control.horizon_time;
-        }
-        let i = seq.0.checked_sub(self.times_first_seq.0);
-        i.and_then(|i| self.times.get(i as usize)).map_or(self.control.horizon_time, |&t| UnixNanos(t))
+        self.times.get(seq).unwrap_or(self.control.horizon_time)
     }
 
     fn point_info(&self, seq: Seq) -> PointInfo {
@@ -1776,8 +1768,7 @@ impl GroupState {
                 return Err(out_of_range());
             }
             // Times are non-decreasing: the last record with time <= t.
-            let n = self.times.partition_point(|&x| x <= t.0);
-            Ok(if n == 0 { oldest } else { Seq(self.times_first_seq.0 + n as u64 - 1).max(oldest) })
+            Ok(self.times.last_at_or_before(t).map_or(oldest, |seq| seq.max(oldest)))
         };
         let seq = match point {
             Point::Latest => newest,
@@ -1810,12 +1801,13 @@ impl GroupState {
     ) -> Result<Vec<Piece>> {
         let vol = self.volume(volume, group)?;
         let bs = u64::from(vol.meta.block_size_bytes);
-        let index = self.index.get(&volume);
+        let (first, last) = (offset / bs, (offset + len) / bs);
+        let mut versions = self.index.get(&volume).map(|i| i.blocks_at(first..last, at).peekable());
         let mut pieces: Vec<Piece> = Vec::new();
-        for block in offset / bs..(offset + len) / bs {
-            let version = index.and_then(|i| i.get(block)).and_then(|v| v.at(at));
+        for block in first..last {
+            let version = versions.as_mut().and_then(|v| v.next_if(|&(b, _)| b == block)).map(|(_, v)| v);
             match version {
-                Some(v) => match v.location() {
+                Some(v) => match version_location(&self.journal, &v, group)? {
                     Some(loc) => {
                         if let Some(Piece::Journal { offset: o, crcs, segment, .. }) = pieces.last_mut() {
                             if *segment == loc.segment && *o + crcs.len() as u64 * bs == loc.offset {
@@ -1865,21 +1857,17 @@ impl GroupState {
         execute_read(&pieces, buf, group)
     }
 
-    fn snapshot(&self) -> Checkpoint {
-        Checkpoint {
+    /// The checkpoint's bytes, encoded from the tables in place.
+    fn snapshot(&self) -> std::io::Result<Vec<u8>> {
+        encode_checkpoint(&Checkpoint {
             resume: self.journal.resume_point(),
             horizon: self.control.horizon,
             volumes: self.volumes.values().map(|v| v.meta.clone()).collect(),
             bookmarks: self.bookmarks.clone(),
             rollbacks: self.rollbacks.clone(),
-            times_first_seq: self.times_first_seq,
-            times: self.times.iter().copied().collect(),
-            index: self
-                .index
-                .iter()
-                .map(|(id, idx)| (*id, idx.iter().map(|(b, v)| (b, v.clone())).collect()))
-                .collect(),
-        }
+            times: Cow::Borrowed(&self.times),
+            index: self.index.iter().map(|(id, index)| (*id, Cow::Borrowed(index))).collect(),
+        })
     }
 }
 

@@ -24,6 +24,7 @@ pub mod group;
 pub mod image;
 pub mod index;
 pub mod persist;
+pub mod times;
 pub mod types;
 
 pub use error::{EngineError, Result};
@@ -456,6 +457,8 @@ impl Engine {
                     state_reason,
                     role: role_name(g.role()).into(),
                     generation: g.generation(),
+                    index_versions: s.index_versions,
+                    index_bytes: s.index_bytes,
                 }
             }
             GroupSlot::Failed { options, reason } => GroupInfo {
@@ -472,6 +475,8 @@ impl Engine {
                 state_reason: Some(reason.clone()),
                 role: "unknown".into(),
                 generation: 0,
+                index_versions: 0,
+                index_bytes: 0,
             },
         }
     }

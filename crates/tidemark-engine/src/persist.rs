@@ -6,21 +6,28 @@
 //! body, blake3 of everything before it truncated to 16 bytes. Both are replaced atomically
 //! (temp file, fdatasync, rename, directory sync).
 
+use std::borrow::Cow;
+
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tidemark_journal::storage::{read_file, replace_file, Storage};
 pub use tidemark_journal::GenerationStart;
 use tidemark_journal::{ResumePoint, Seq, UnixNanos, VolumeId};
 
-use crate::index::Versions;
+use crate::index::VolumeIndex;
+use crate::times::RecordTimes;
 
 /// Magic of the control file.
 pub const CONTROL_MAGIC: [u8; 8] = *b"TDMKCTRL";
 /// Magic of the checkpoint file.
 pub const CHECKPOINT_MAGIC: [u8; 8] = *b"TDMKCKPT";
-/// Format version of the checkpoint and other framed files (the control file has its own,
-/// [`CONTROL_FORMAT_VERSION`]).
+/// Format version of the framed files but the control file and the checkpoint (which have
+/// their own, [`CONTROL_FORMAT_VERSION`] and [`CHECKPOINT_FORMAT_VERSION`]).
 pub const FORMAT_VERSION: u32 = 1;
+/// Format version of the checkpoint. 2: the index as one flat list of (block, version) pairs
+/// without segment numbers, record times in chunks of 32-bit offsets. A checkpoint of another
+/// version is discarded at start-up (it is derived state) and the index rebuilt from the journal.
+pub const CHECKPOINT_FORMAT_VERSION: u32 = 2;
 /// File name of the control file in a group's directory.
 pub const CONTROL_FILE: &str = "control";
 /// File name of the checkpoint in a group's directory.
@@ -224,9 +231,11 @@ pub struct RollbackEntry {
     pub bytes_rewritten: u64,
 }
 
-/// The index checkpoint: the group's derived state after the record before `resume`.
+/// The index checkpoint: the group's derived state after the record before `resume`. It borrows
+/// the large tables when written (encoded under the group lock without a copy) and owns them
+/// when read.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Checkpoint {
+pub struct Checkpoint<'a> {
     /// Where the journal scan resumes.
     pub resume: ResumePoint,
     /// Horizon at the time of the checkpoint; versions at or before it were dropped.
@@ -237,12 +246,29 @@ pub struct Checkpoint {
     pub bookmarks: Vec<BookmarkEntry>,
     /// Rollbacks after the horizon.
     pub rollbacks: Vec<RollbackEntry>,
-    /// Seq of `times[0]`.
-    pub times_first_seq: Seq,
-    /// Source time of every record from `times_first_seq` on.
-    pub times: Vec<u64>,
-    /// Per volume, every block with versions.
-    pub index: Vec<(VolumeId, Vec<(u64, Versions)>)>,
+    /// Source time of every record after the horizon.
+    pub times: Cow<'a, RecordTimes>,
+    /// Per volume, every version of every block after the horizon.
+    pub index: Vec<(VolumeId, Cow<'a, VolumeIndex>)>,
+}
+
+/// Encode a checkpoint as its file's bytes (written later, outside the group lock, with
+/// [`replace_file`]).
+pub fn encode_checkpoint(checkpoint: &Checkpoint) -> std::io::Result<Vec<u8>> {
+    encode_frame(CHECKPOINT_MAGIC, CHECKPOINT_FORMAT_VERSION, checkpoint)
+}
+
+/// Read the checkpoint: `Ok(None)` when absent, `Err(reason)` when present but unusable.
+pub fn read_checkpoint(storage: &dyn Storage) -> Result<Option<Checkpoint<'static>>, String> {
+    let Some((version, body)) = read_frame(storage, CHECKPOINT_FILE, CHECKPOINT_MAGIC)? else {
+        return Ok(None);
+    };
+    if version != CHECKPOINT_FORMAT_VERSION {
+        return Err(format!(
+            "format version {version} is not supported (this build reads {CHECKPOINT_FORMAT_VERSION})"
+        ));
+    }
+    postcard::from_bytes(&body).map(Some).map_err(|e| format!("undecodable: {e}"))
 }
 
 /// Write `value` framed under `magic` to `name`, atomically.
@@ -262,16 +288,23 @@ fn write_frame<T: Serialize>(
     version: u32,
     value: &T,
 ) -> std::io::Result<()> {
-    let body = postcard::to_stdvec(value).map_err(std::io::Error::other)?;
-    let mut out = Vec::with_capacity(body.len() + 32);
+    replace_file(storage, name, &encode_frame(magic, version, value)?)
+}
+
+fn encode_frame<T: Serialize>(magic: [u8; 8], version: u32, value: &T) -> std::io::Result<Vec<u8>> {
+    // Header with a length placeholder, then the body encoded in place (no second copy of a
+    // checkpoint's body).
+    let mut out = Vec::new();
     out.extend_from_slice(&magic);
     out.extend_from_slice(&version.to_le_bytes());
-    let len = u32::try_from(body.len()).map_err(|_| std::io::Error::other("state too large for one file"))?;
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&body);
+    out.extend_from_slice(&[0; 4]);
+    let mut out = postcard::to_extend(value, out).map_err(std::io::Error::other)?;
+    let len =
+        u32::try_from(out.len() - 16).map_err(|_| std::io::Error::other("state too large for one file"))?;
+    out[12..16].copy_from_slice(&len.to_le_bytes());
     let sum = blake3::hash(&out);
     out.extend_from_slice(&sum.as_bytes()[..16]);
-    replace_file(storage, name, &out)
+    Ok(out)
 }
 
 /// Read a framed file: `Ok(None)` when absent, `Err(reason)` when present but invalid.

@@ -184,6 +184,13 @@ pub struct GroupInfo {
     pub role: String,
     /// Fencing generation of the primary role, as known here.
     pub generation: u64,
+    /// Block versions in the index: one per block written within the retention window, per
+    /// write.
+    #[serde(default)]
+    pub index_versions: u64,
+    /// Bytes of memory the index and the table of record times have allocated.
+    #[serde(default)]
+    pub index_bytes: u64,
 }
 
 /// A volume as shown by `volume show`.

@@ -475,6 +475,28 @@ impl Journal {
         self.segments.get(&index).map(|s| s.file.clone())
     }
 
+    /// The segment holding record `seq` (the last one starting at or before it); `None` when
+    /// `seq` is older than the journal. Segment indexes and first seqs both increase, so this is
+    /// a bisection over indexes (which may have gaps).
+    pub fn segment_of(&self, seq: Seq) -> Option<u64> {
+        let first_at_or_before =
+            |index: u64| self.segments.range(..=index).next_back().map(|(_, s)| s.first_seq);
+        let (&first, oldest) = self.segments.iter().next()?;
+        if oldest.first_seq > seq {
+            return None;
+        }
+        let (mut lo, mut hi) = (first, *self.segments.keys().next_back()?);
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            if first_at_or_before(mid).is_some_and(|f| f <= seq) {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        self.segments.range(..=lo).next_back().map(|(&i, _)| i)
+    }
+
     /// Read and verify the whole record at `location`.
     pub fn read_record(&self, location: Location) -> Result<Record, JournalError> {
         let name = segment_name(location.segment);

@@ -180,6 +180,20 @@ pub const GROUP_ROLLBACKS: Def = def(
 /// `tidemark_journal_size_bytes`.
 pub const JOURNAL_SIZE: Def =
     def("tidemark_journal_size_bytes", GAUGE, &["group"], "Bytes the group's journal occupies now.");
+/// `tidemark_index_versions`.
+pub const INDEX_VERSIONS: Def = def(
+    "tidemark_index_versions",
+    GAUGE,
+    &["group"],
+    "Block versions in the group's index: one per block per write within the retention window.",
+);
+/// `tidemark_index_memory_bytes`.
+pub const INDEX_MEMORY: Def = def(
+    "tidemark_index_memory_bytes",
+    GAUGE,
+    &["group"],
+    "Bytes of memory the group's block index and table of record times have allocated.",
+);
 /// `tidemark_journal_limit_bytes`.
 pub const JOURNAL_LIMIT: Def = def(
     "tidemark_journal_limit_bytes",
@@ -402,6 +416,8 @@ pub const FAMILIES: &[Def] = &[
     GROUP_IMAGES,
     GROUP_ROLLBACKS,
     JOURNAL_SIZE,
+    INDEX_VERSIONS,
+    INDEX_MEMORY,
     JOURNAL_LIMIT,
     JOURNAL_NEAR_LIMIT,
     JOURNAL_APPENDED_BYTES,
@@ -793,6 +809,8 @@ impl SiteCollector {
             out.add(GROUP_GENERATION, &[g], info.generation as f64);
             out.add(JOURNAL_SIZE, &[g], info.journal_bytes as f64);
             out.add(JOURNAL_LIMIT, &[g], info.journal_max_bytes as f64);
+            out.add(INDEX_VERSIONS, &[g], info.index_versions as f64);
+            out.add(INDEX_MEMORY, &[g], info.index_bytes as f64);
             let near = u128::from(info.journal_bytes) * 100 > u128::from(info.journal_max_bytes) * 80;
             out.add(JOURNAL_NEAR_LIMIT, &[g], f64::from(u8::from(near)));
             out.add(HISTORY_RETENTION, &[g], info.retention_seconds as f64);
