@@ -3,8 +3,11 @@
 //!
 //! Resident memory is what the operator pays for, but it is not the index alone: it includes
 //! the allocator's slack and freed memory it has not returned, and any transient copy of the
-//! index (a checkpoint serializes one) that was at its peak. The figures are therefore upper
-//! bounds on what the index itself takes.
+//! index (a checkpoint serializes one) that was at its peak, and the stacks of threads the
+//! runtime starts while the writes are in flight. The figures are therefore upper bounds on
+//! what the index itself takes. Beside them the report gives the index's own account
+//! (`index_bytes` and `index_versions` in `group show --json`): the bytes its leaves and the
+//! table of record times have allocated, per version.
 
 use std::path::Path;
 use std::time::Duration;
@@ -47,6 +50,8 @@ pub struct Report {
     pub restarted: Memory,
     /// Newest seq after each pass (one record per 4 KiB write, plus the group's own records).
     pub seqs: [u64; 2],
+    /// The index's own account after each pass and after the restart: (versions, bytes).
+    pub index: [(u64, u64); 3],
     /// The job of each pass.
     pub job: Job,
 }
@@ -78,6 +83,13 @@ impl Report {
     }
 
     /// Bytes of `RssAnon` per block after two versions of each.
+    /// Bytes the index allocated per version it holds, in state `i` (0: once, 1: twice, 2:
+    /// after the restart).
+    pub fn index_bytes_per_version(&self, i: usize) -> f64 {
+        let (versions, bytes) = self.index[i];
+        bytes as f64 / versions.max(1) as f64
+    }
+
     pub fn anon_per_block_twice(&self) -> f64 {
         per_block(self.twice.rss_anon_bytes, self.before.rss_anon_bytes, self.blocks)
     }
@@ -123,9 +135,11 @@ pub fn run(blocks: u64, binary: &Path, scratch: &Path) -> Result<Report> {
     job.run(&uri, &dir)?;
     let once = settled_memory(pid)?;
     let seq_once = site.journal(GROUP)?.1;
+    let index_once = index_account(&site)?;
     job.run(&uri, &dir)?;
     let twice = settled_memory(pid)?;
     let seq_twice = site.journal(GROUP)?.1;
+    let index_twice = index_account(&site)?;
     // A restart shows the index without what the write path left in the heap: the site loads
     // it from the checkpoint written at the stop. The warm-up job runs again so the baseline's
     // write buffers and threads exist here too (its blocks already had versions).
@@ -134,9 +148,27 @@ pub fn run(blocks: u64, binary: &Path, scratch: &Path) -> Result<Report> {
     let pid = site.pid()?;
     warmup.run(&uri, &dir)?;
     let restarted = settled_memory(pid)?;
+    let index_restarted = index_account(&site)?;
     site.stop()?;
     std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
-    Ok(Report { blocks, before, once, twice, restarted, seqs: [seq_once, seq_twice], job })
+    Ok(Report {
+        blocks,
+        before,
+        once,
+        twice,
+        restarted,
+        seqs: [seq_once, seq_twice],
+        index: [index_once, index_twice, index_restarted],
+        job,
+    })
+}
+
+/// The group's index: (versions, bytes allocated), from `group show --json`.
+fn index_account(site: &Site) -> Result<(u64, u64)> {
+    let info = site.group(GROUP)?;
+    let field =
+        |name: &str| info.get(name).and_then(serde_json::Value::as_u64).with_context(|| format!("no {name}"));
+    Ok((field("index_versions")?, field("index_bytes")?))
 }
 
 fn settled_memory(pid: u32) -> Result<Memory> {
