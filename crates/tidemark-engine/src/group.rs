@@ -883,6 +883,16 @@ impl Group {
         Ok(())
     }
 
+    /// Have `writeback` flush this group every [`crate::writeback::WRITEBACK_BYTES`] of appends,
+    /// so unflushed host writes neither pile up as dirty pages nor keep sealed segments cached.
+    pub fn attach_writeback(self: &Arc<Self>, writeback: Arc<crate::writeback::Writeback>) {
+        let group = Arc::downgrade(self);
+        self.state
+            .lock()
+            .journal
+            .set_writeback(crate::writeback::WRITEBACK_BYTES, Box::new(move || writeback.request(&group)));
+    }
+
     /// Make every record appended so far durable (one fdatasync for all waiting writers).
     pub fn flush(&self) -> Result<()> {
         let target = self.state.lock().journal.last_seq();

@@ -26,6 +26,7 @@ pub mod index;
 pub mod persist;
 pub mod times;
 pub mod types;
+pub mod writeback;
 
 pub use error::{EngineError, Result};
 pub use events::{EngineEvent, EventSink, MemoryEvents, NullEvents};
@@ -175,6 +176,19 @@ pub struct Engine {
     /// History holds by other parts of the site: (group, holder) -> oldest seq still needed.
     pins: Mutex<BTreeMap<(String, String), Seq>>,
     maintenance: Mutex<Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
+    /// Background writeback (see [`writeback`]); `None` for engines opened with
+    /// [`Engine::open_with`], whose groups are flushed only when asked.
+    writeback: Mutex<Option<(Arc<writeback::Writeback>, std::thread::JoinHandle<()>)>>,
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // The writeback thread holds no reference to the engine, so it must be told to stop.
+        if let Some((writeback, handle)) = self.writeback.get_mut().take() {
+            writeback.stop();
+            let _ = handle.join();
+        }
+    }
 }
 
 impl Engine {
@@ -194,6 +208,7 @@ impl Engine {
             config.events.clone(),
         )?;
         engine.start_maintenance(config.maintenance_interval);
+        engine.start_writeback();
         Ok(engine)
     }
 
@@ -262,6 +277,7 @@ impl Engine {
             admin: Mutex::new(()),
             pins: Mutex::new(BTreeMap::new()),
             maintenance: Mutex::new(None),
+            writeback: Mutex::new(None),
         }))
     }
 
@@ -279,6 +295,22 @@ impl Engine {
             })
             .expect("spawn the maintenance thread");
         *self.maintenance.lock() = Some((tx, handle));
+    }
+
+    fn start_writeback(&self) {
+        let (writeback, handle) = writeback::start();
+        for group in self.open_groups() {
+            group.attach_writeback(writeback.clone());
+        }
+        *self.writeback.lock() = Some((writeback, handle));
+    }
+
+    /// Register a newly created group, attached to the background writeback if there is one.
+    fn insert_group(&self, name: &str, group: Arc<Group>) {
+        if let Some((writeback, _)) = &*self.writeback.lock() {
+            group.attach_writeback(writeback.clone());
+        }
+        self.groups.write().insert(name.into(), GroupSlot::Open(group));
     }
 
     /// One round of maintenance: trim history that retention or size limits release, write
@@ -313,6 +345,10 @@ impl Engine {
     pub fn shutdown(&self) -> Result<()> {
         if let Some((tx, handle)) = self.maintenance.lock().take() {
             drop(tx);
+            let _ = handle.join();
+        }
+        if let Some((writeback, handle)) = self.writeback.lock().take() {
+            writeback.stop();
             let _ = handle.join();
         }
         for image in self.images.read().values() {
@@ -378,7 +414,7 @@ impl Engine {
         // unnamed directory, never a catalog entry without files.
         self.catalog.put_group(&GroupRecord { id, name: name.into(), options })?;
         let group = Arc::new(group);
-        self.groups.write().insert(name.into(), GroupSlot::Open(group.clone()));
+        self.insert_group(name, group.clone());
         Ok(self.group_info(name, &GroupSlot::Open(group)))
     }
 
@@ -412,7 +448,7 @@ impl Engine {
         )?;
         self.catalog.put_group(&GroupRecord { id, name: name.into(), options })?;
         let group = Arc::new(group);
-        self.groups.write().insert(name.into(), GroupSlot::Open(group.clone()));
+        self.insert_group(name, group.clone());
         Ok(self.group_info(name, &GroupSlot::Open(group)))
     }
 

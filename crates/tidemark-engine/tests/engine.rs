@@ -20,6 +20,30 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 }
 
 #[test]
+fn unflushed_writes_are_written_back_in_the_background() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = open(dir.path(), Arc::new(MemoryEvents::default()));
+    engine.create_group("db", GroupOptions::default()).expect("group");
+    engine.create_volume("db", "data", 256 << 20, 4096).expect("volume");
+    let export = engine.open_export("data").expect("export");
+    let group = engine.group_handle("db").expect("group");
+    let before = group.durable_seq();
+    // Twice the writeback interval, never flushed by the "host".
+    let chunk = pattern(3, 1 << 20);
+    for i in 0..((2 * tidemark_engine::writeback::WRITEBACK_BYTES) >> 20) {
+        export.write(i << 20, &chunk, Durability::Buffered).expect("write");
+    }
+    // The writeback thread flushes once an interval's worth of appends is in: the durable seq
+    // moves without any flush from here. (A liveness check with a generous deadline, not a timing.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while group.durable_seq() <= before {
+        assert!(std::time::Instant::now() < deadline, "no background writeback within 60 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(group.durable_seq() <= group.position().last_seq);
+}
+
+#[test]
 fn data_survives_shutdown_and_the_checkpoint_bounds_replay() {
     let dir = tempfile::tempdir().expect("tempdir");
     let events = Arc::new(MemoryEvents::default());

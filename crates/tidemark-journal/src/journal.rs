@@ -134,6 +134,16 @@ pub struct Journal {
     sealed_unsynced: Vec<(Arc<dyn StorageFile>, Seq)>,
     /// Counters for metrics.
     stats: Arc<JournalStats>,
+    /// Called (under the owner's lock, so it must not block) each time another `every` bytes
+    /// have been appended: the owner's cue to sync in the background.
+    writeback: Option<WritebackHook>,
+}
+
+/// See [`Journal::set_writeback`].
+struct WritebackHook {
+    every: u64,
+    since: u64,
+    hook: Box<dyn Fn() + Send + Sync>,
 }
 
 /// The chain hash a new journal starts from.
@@ -175,6 +185,7 @@ impl Journal {
             durable: Arc::new(AtomicU64::new(first_seq.0.saturating_sub(1))),
             sealed_unsynced: Vec::new(),
             stats: Arc::default(),
+            writeback: None,
         };
         journal.start_segment(0)?;
         Ok(journal)
@@ -343,6 +354,7 @@ impl Journal {
             durable,
             sealed_unsynced: Vec::new(),
             stats: Arc::default(),
+            writeback: None,
         };
         Ok((journal, report))
     }
@@ -443,11 +455,24 @@ impl Journal {
         }
         segment.len += buf.len() as u64;
         self.stats.record_append(buf.len() as u64);
+        if let Some(w) = &mut self.writeback {
+            w.since += buf.len() as u64;
+            if w.since >= w.every {
+                w.since = 0;
+                (w.hook)();
+            }
+        }
         self.encode_buf = buf;
         self.next_seq = Seq(seq.0 + 1);
         self.chain = chain;
         self.last_time = time;
         Ok(Appended { seq, location, chain })
+    }
+
+    /// Call `hook` each time another `every` bytes have been appended (it runs inside
+    /// [`Journal::append`], so it must only signal, never block or sync).
+    pub fn set_writeback(&mut self, every: u64, hook: Box<dyn Fn() + Send + Sync>) {
+        self.writeback = Some(WritebackHook { every: every.max(1), since: 0, hook });
     }
 
     /// Counters of what this journal appended and synced, for metrics.
