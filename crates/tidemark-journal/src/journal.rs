@@ -757,6 +757,7 @@ impl JournalReader {
             RawRecords { bytes: Vec::new(), first, last: Seq(first.0.saturating_sub(1)), next: from };
         let mut at = from;
         let mut seq = first;
+        let mut window = Window::default();
         while seq <= upto {
             let Some((_, file, len)) = self.segments.iter().find(|(i, _, _)| *i == at.segment) else { break };
             let name = segment_name(at.segment);
@@ -765,32 +766,42 @@ impl JournalReader {
                 offset: at.offset,
                 reason,
             };
-            match read_record_at(&**file, at.offset, *len).map_err(|e| corrupt(e.to_string()))? {
-                None => {
-                    // Clean end of a segment: continue in the next one.
-                    if !self.segments.iter().any(|(i, _, _)| *i == at.segment + 1) {
-                        break;
-                    }
-                    at = Location { segment: at.segment + 1, offset: SEGMENT_HEADER_BYTES };
+            if at.offset >= *len {
+                // Clean end of a segment: continue in the next one.
+                if !self.segments.iter().any(|(i, _, _)| *i == at.segment + 1) {
+                    break;
                 }
-                Some(bytes) => {
-                    if !out.bytes.is_empty() && (out.bytes.len() + bytes.len()) as u64 > bytes_max {
-                        break;
-                    }
-                    let rec = record::decode(&bytes, None).map_err(|e| corrupt(e.to_string()))?;
-                    if rec.seq != seq {
-                        return Err(corrupt(format!(
-                            "record has seq {} where seq {} was expected",
-                            rec.seq.0, seq.0
-                        )));
-                    }
-                    at.offset += bytes.len() as u64;
-                    out.bytes.extend_from_slice(&bytes);
-                    out.last = seq;
-                    out.next = at;
-                    seq = Seq(seq.0 + 1);
-                }
+                at = Location { segment: at.segment + 1, offset: SEGMENT_HEADER_BYTES };
+                continue;
             }
+            // Read ahead as far as the batch may still grow, so a batch of small records takes
+            // a few reads instead of two per record.
+            let ahead =
+                bytes_max.saturating_sub(out.bytes.len() as u64).clamp(HEADER_BYTES as u64, READ_AHEAD);
+            let head = window
+                .get(&**file, at, HEADER_BYTES as u64, ahead, *len)
+                .map_err(|e| corrupt(e.to_string()))?;
+            let header = <&[u8; HEADER_BYTES]>::try_from(head)
+                .map_err(|_| DecodeError::Truncated)
+                .and_then(|h| RecordHeader::decode(h).map_err(DecodeError::Malformed))
+                .map_err(|e| corrupt(e.to_string()))?;
+            let total = u64::from(header.total_len);
+            if !out.bytes.is_empty() && out.bytes.len() as u64 + total > bytes_max {
+                break;
+            }
+            let bytes = window.get(&**file, at, total, ahead, *len).map_err(|e| corrupt(e.to_string()))?;
+            let verified = record::verify(bytes).map_err(|e| corrupt(e.to_string()))?;
+            if verified.seq != seq {
+                return Err(corrupt(format!(
+                    "record has seq {} where seq {} was expected",
+                    verified.seq.0, seq.0
+                )));
+            }
+            out.bytes.extend_from_slice(bytes);
+            at.offset += total;
+            out.last = seq;
+            out.next = at;
+            seq = Seq(seq.0 + 1);
         }
         Ok(out)
     }
@@ -968,6 +979,47 @@ fn read_segment_header(file: &dyn StorageFile, group_id: u64) -> Result<(Seq, Ch
     let mut chain = ChainHash([0; 32]);
     chain.0.copy_from_slice(field(40..72));
     Ok((first_seq, chain))
+}
+
+/// How far a [`JournalReader`] reads ahead of the record it needs.
+const READ_AHEAD: u64 = 256 << 10;
+
+/// Bytes of one segment read ahead by a [`JournalReader`].
+#[derive(Default)]
+struct Window {
+    segment: u64,
+    start: u64,
+    bytes: Vec<u8>,
+}
+
+impl Window {
+    /// The `n` bytes at `at` in a segment of `len` bytes; when they are not in the window, reads
+    /// `max(n, ahead)` bytes from `at` (never past `len`).
+    fn get(
+        &mut self,
+        file: &dyn StorageFile,
+        at: Location,
+        n: u64,
+        ahead: u64,
+        len: u64,
+    ) -> Result<&[u8], DecodeError> {
+        if len.saturating_sub(at.offset) < n {
+            return Err(DecodeError::Truncated);
+        }
+        let end = self.start + self.bytes.len() as u64;
+        let held = self.segment == at.segment && at.offset >= self.start && at.offset + n <= end;
+        if !held {
+            let size = n.max(ahead).min(len - at.offset);
+            self.bytes.resize(size as usize, 0);
+            if file.read_exact_at(&mut self.bytes, at.offset).is_err() {
+                self.bytes.clear();
+                return Err(DecodeError::Truncated);
+            }
+            (self.segment, self.start) = (at.segment, at.offset);
+        }
+        let from = (at.offset - self.start) as usize;
+        self.bytes.get(from..from + n as usize).ok_or(DecodeError::Truncated)
+    }
 }
 
 /// Read the raw bytes of the record at `offset`: `Ok(None)` at a clean end of the segment.

@@ -309,8 +309,15 @@ pub fn decode_all(mut bytes: &[u8]) -> Result<Vec<Record>, DecodeError> {
     Ok(records)
 }
 
-/// Decode and verify a whole record. `prev_chain`, when known, is checked against the stored chain.
-pub fn decode(bytes: &[u8], prev_chain: Option<&ChainHash>) -> Result<Record, DecodeError> {
+/// A record whose checksum has been verified, its payload still borrowed.
+struct Verified<'a> {
+    header: RecordHeader,
+    content: [u8; 16],
+    chain: ChainHash,
+    payload: &'a [u8],
+}
+
+fn verified(bytes: &[u8]) -> Result<Verified<'_>, DecodeError> {
     let head: &[u8; HEADER_BYTES] =
         bytes.get(..HEADER_BYTES).and_then(|h| h.try_into().ok()).ok_or(DecodeError::Truncated)?;
     let header = RecordHeader::decode(head).map_err(DecodeError::Malformed)?;
@@ -326,12 +333,23 @@ pub fn decode(bytes: &[u8], prev_chain: Option<&ChainHash>) -> Result<Record, De
     }
     let mut chain = ChainHash([0; 32]);
     chain.0.copy_from_slice(stored_chain);
+    Ok(Verified { header, content, chain, payload })
+}
+
+/// Verify a whole record's checksum without decoding its body (no copy of the payload), and
+/// return its header. For readers that pass records on as bytes.
+pub fn verify(bytes: &[u8]) -> Result<RecordHeader, DecodeError> {
+    verified(bytes).map(|v| v.header)
+}
+
+/// Decode and verify a whole record. `prev_chain`, when known, is checked against the stored chain.
+pub fn decode(bytes: &[u8], prev_chain: Option<&ChainHash>) -> Result<Record, DecodeError> {
+    let Verified { header, content, chain, payload } = verified(bytes)?;
     if let Some(prev) = prev_chain {
         if chain_next(prev, &content) != chain {
             return Err(DecodeError::ChainMismatch);
         }
     }
-    let payload = covered.get(HEADER_BYTES..).unwrap_or_default();
     let body = match header.kind {
         KIND_WRITE => {
             if header.length != payload.len() as u64 {

@@ -121,3 +121,91 @@ fn truncate_after_cuts_at_any_seq_across_segments_and_is_idempotent() {
         assert_eq!(b.last_seq(), Seq(cut + 1));
     }
 }
+
+/// Records of 1 KiB to 5 KiB, with one of 300 KiB every 7 (longer than the reader reads ahead).
+fn mixed(i: u64) -> RecordBody {
+    let len = if i % 7 == 3 { 300 << 10 } else { 1024 * (1 + (i as usize % 5)) };
+    RecordBody::Write { volume: VolumeId(1), offset: i * 4096, data: vec![i as u8; len] }
+}
+
+#[test]
+fn reading_in_batches_of_any_size_returns_every_record_once_within_the_limit() {
+    // Small segments (a read crosses many, each read ahead whole) and larger ones.
+    for segment_bytes_max in [16 << 10, 512 << 10] {
+        read_in_batches(JournalConfig { segment_bytes_max });
+    }
+}
+
+fn read_in_batches(config: JournalConfig) {
+    let storage: Arc<dyn Storage> = Arc::new(SimStorage::new());
+    let mut a = Journal::create(storage, GROUP, config, Seq(1), genesis_chain(GROUP)).expect("create");
+    let mut expected = Vec::new();
+    for i in 0..60 {
+        let at = a.append(Generation(1), UnixNanos(100 + i), &mixed(i)).expect("append");
+        expected.push(a.read_record(at.location).expect("read back"));
+    }
+    assert!(a.segments().len() > 3);
+    let reader = a.reader();
+    for bytes_max in [1, 3000, 64 << 10, 256 << 10, 300 << 10, 1 << 20, u64::MAX] {
+        let (mut from, mut next) = (a.locate(Seq(1)).expect("locate"), Seq(1));
+        let mut got = Vec::new();
+        while next <= a.last_seq() {
+            let raw = reader.read(from, next, a.last_seq(), bytes_max).expect("read");
+            let batch = tidemark_journal::record::decode_all(&raw.bytes).expect("whole, valid records");
+            assert!(!batch.is_empty(), "a read always makes progress");
+            assert!(batch.len() == 1 || raw.bytes.len() as u64 <= bytes_max, "{bytes_max}: over the limit");
+            assert_eq!((batch[0].seq, raw.last), (next, batch[batch.len() - 1].seq));
+            got.extend(batch);
+            from = raw.next;
+            next = Seq(raw.last.0 + 1);
+        }
+        assert_eq!(got, expected, "batches of at most {bytes_max} bytes");
+    }
+    // Nothing past `upto` is read.
+    let raw = reader.read(a.locate(Seq(5)).expect("locate"), Seq(5), Seq(9), u64::MAX).expect("read");
+    assert_eq!((raw.first, raw.last), (Seq(5), Seq(9)));
+    // And the read continues where it stopped (at the record, or at the end of its segment).
+    let rest = reader.read(raw.next, Seq(10), Seq(10), 1).expect("read on");
+    assert_eq!((rest.first, rest.last), (Seq(10), Seq(10)));
+    assert_eq!(tidemark_journal::record::decode_all(&rest.bytes).expect("valid"), vec![expected[9].clone()]);
+}
+
+#[test]
+fn a_damaged_record_is_reported_with_its_place_and_never_read_for_shipping() {
+    let storage: Arc<dyn Storage> = Arc::new(SimStorage::new());
+    let config = JournalConfig { segment_bytes_max: 1 << 20 };
+    let mut a =
+        Journal::create(storage.clone(), GROUP, config, Seq(1), genesis_chain(GROUP)).expect("create");
+    for i in 0..10 {
+        a.append(Generation(1), UnixNanos(100 + i), &write(i)).expect("append");
+    }
+    let damaged = a.locate(Seq(6)).expect("locate");
+    let file = storage.open(&tidemark_journal::journal::segment_name(damaged.segment)).expect("open");
+    // One payload byte of record 6.
+    file.write_all_at(&[0xEE], damaged.offset + 100).expect("damage");
+    let reader = a.reader();
+    // Records before the damage are read; the batch ends before it, and the next read reports it.
+    let raw = reader.read(a.locate(Seq(1)).expect("locate"), Seq(1), a.last_seq(), 5 * 2048 + 1000);
+    match raw {
+        Ok(raw) => {
+            assert!(raw.last < Seq(6), "the damaged record was shipped");
+            let err = reader.read(raw.next, Seq(raw.last.0 + 1), a.last_seq(), u64::MAX).expect_err("damage");
+            assert_damage_reported(&err, damaged.offset);
+        }
+        Err(err) => assert_damage_reported(&err, damaged.offset),
+    }
+    let err =
+        reader.read(a.locate(Seq(1)).expect("locate"), Seq(1), a.last_seq(), u64::MAX).expect_err("damage");
+    assert_damage_reported(&err, damaged.offset);
+}
+
+fn assert_damage_reported(err: &JournalError, offset: u64) {
+    match err {
+        JournalError::Corrupt { file, offset: at, reason } => {
+            assert!(file.to_string_lossy().contains("journal-"), "{}", file.display());
+            assert_eq!(*at, offset);
+            assert!(reason.contains("checksum"), "{reason}");
+        }
+        other => panic!("expected a corrupt-record error, got {other:?}"),
+    }
+}
