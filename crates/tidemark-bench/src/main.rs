@@ -262,6 +262,7 @@ fn run(cli: &Cli) -> Result<()> {
                     },
                     backlog_link_seconds: if cli.quick { 3 } else { 20 },
                     load_seconds: if cli.quick { 6 } else { 20 },
+                    runs: runs(SET_RUNS_DEFAULT),
                 };
                 let r = wan::run(&config, &binary, simnet, scratch.path())?;
                 replace(

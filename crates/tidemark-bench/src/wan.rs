@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::children::Guarded;
 use crate::pair::{wait_streaming, Pair, CATCH_UP};
+use crate::stats::Summary;
 use crate::targets::Site;
 
 /// Issue 3's targets on the `wan` profile.
@@ -30,23 +31,62 @@ pub struct Config {
     pub backlog_link_seconds: u64,
     /// Seconds of steady load per rpo measurement.
     pub load_seconds: u64,
+    /// Trials per profile, each on a new pair of sites.
+    pub runs: usize,
 }
 
-/// One profile's figures.
+/// The link loads (percent of its rate) rpo_seconds is measured at.
+const RPO_LOADS: [u32; 2] = [50, 90];
+
+/// One trial's figures on one profile.
+#[derive(Clone, Debug)]
+pub struct Trial {
+    /// Incompressible backlog: journal bytes caught up per second over the link rate.
+    pub goodput_fraction: f64,
+    /// 3:1 backlog: uncompressed bytes replicated per second over the link rate.
+    pub compressible_multiple: f64,
+    /// The compression ratio zstd achieved on the 3:1 data.
+    pub compressible_ratio: f64,
+    /// rpo_seconds p50 and p99 at each of [`RPO_LOADS`], in that order.
+    pub rpo: Vec<(f64, f64)>,
+}
+
+/// One profile's trials.
 #[derive(Clone, Debug)]
 pub struct ProfileReport {
     /// Profile name.
     pub profile: String,
     /// The link's rate, bits per second.
     pub rate_bits: u64,
-    /// Incompressible backlog: compressed bytes on the wire per second over the link rate.
-    pub goodput_fraction: f64,
-    /// 3:1 backlog: uncompressed bytes replicated per second over the link rate.
-    pub compressible_multiple: f64,
-    /// The compression ratio zstd achieved on the 3:1 data.
-    pub compressible_ratio: f64,
-    /// rpo_seconds p50 and p99 at 50% and 90% of the link rate.
-    pub rpo: Vec<(u32, f64, f64)>,
+    /// One per run.
+    pub trials: Vec<Trial>,
+}
+
+impl ProfileReport {
+    fn summary(&self, figure: impl Fn(&Trial) -> Option<f64>) -> Option<Summary> {
+        Summary::of(&self.trials.iter().filter_map(figure).collect::<Vec<_>>())
+    }
+
+    /// Goodput over the trials.
+    pub fn goodput(&self) -> Option<Summary> {
+        self.summary(|t| Some(t.goodput_fraction))
+    }
+
+    /// Effective throughput of 3:1 data over the trials.
+    pub fn compressible(&self) -> Option<Summary> {
+        self.summary(|t| Some(t.compressible_multiple))
+    }
+
+    /// zstd's ratio on the 3:1 data over the trials.
+    pub fn ratio(&self) -> Option<Summary> {
+        self.summary(|t| Some(t.compressible_ratio))
+    }
+
+    /// rpo_seconds (p50, p99) at `load` percent over the trials.
+    pub fn rpo(&self, load: u32) -> Option<(Summary, Summary)> {
+        let i = RPO_LOADS.iter().position(|l| *l == load)?;
+        Some((self.summary(|t| t.rpo.get(i).map(|r| r.0))?, self.summary(|t| t.rpo.get(i).map(|r| r.1))?))
+    }
 }
 
 /// Everything the WAN benchmark measured.
@@ -63,14 +103,15 @@ impl Report {
         let mut lines = Vec::new();
         for p in &self.profiles {
             let target = p.profile == "wan";
+            let (Some(goodput), Some(compressible)) = (p.goodput(), p.compressible()) else { continue };
             lines.push(format!(
                 "goodput ({}): {:.2} of the link {}",
                 p.profile,
-                p.goodput_fraction,
+                goodput.median,
                 if target {
                     format!(
                         "(target >={GOODPUT_TARGET_FRACTION}) {}",
-                        verdict(p.goodput_fraction >= GOODPUT_TARGET_FRACTION)
+                        verdict(goodput.median >= GOODPUT_TARGET_FRACTION)
                     )
                 } else {
                     "(no target on this profile)".to_string()
@@ -79,25 +120,27 @@ impl Report {
             lines.push(format!(
                 "3:1 data effective ({}): {:.2}x the link {}",
                 p.profile,
-                p.compressible_multiple,
+                compressible.median,
                 if target {
                     format!(
                         "(target >={COMPRESSIBLE_TARGET_MULTIPLE}x) {}",
-                        verdict(p.compressible_multiple >= COMPRESSIBLE_TARGET_MULTIPLE)
+                        verdict(compressible.median >= COMPRESSIBLE_TARGET_MULTIPLE)
                     )
                 } else {
                     "(no target on this profile)".to_string()
                 }
             ));
-            for (load, _, p99) in &p.rpo {
-                let rated = target && *load == 50;
+            for load in RPO_LOADS {
+                let Some((_, p99)) = p.rpo(load) else { continue };
+                let p99 = p99.median;
+                let rated = target && load == 50;
                 lines.push(format!(
                     "rpo p99 at {load}% load ({}): {p99:.2} s {}",
                     p.profile,
                     if rated {
                         format!(
                             "(target <={RPO_P99_TARGET_SECONDS} s) {}",
-                            verdict(*p99 <= RPO_P99_TARGET_SECONDS)
+                            verdict(p99 <= RPO_P99_TARGET_SECONDS)
                         )
                     } else {
                         "(no target)".to_string()
@@ -117,19 +160,29 @@ pub fn run(config: &Config, binary: &Path, simnet: &Path, scratch: &Path) -> Res
             simnet::Profile::load(name).map_err(|e| anyhow::anyhow!("simnet profile {name}: {e}"))?;
         let rate_bits =
             profile.settings.a_to_b.rate.map(|r| r.bits_per_second()).context("the profile has no rate")?;
-        let dir = scratch.join(format!("wan-{name}"));
-        std::fs::create_dir_all(&dir)?;
-        let report = measure_profile(config, binary, simnet, name, rate_bits, &dir)
-            .with_context(|| format!("WAN benchmark on profile {name}"))?;
-        eprintln!(
-            "wan {name}: goodput {:.2} of the link (incompressible), {:.2}x the link (3:1 data, ratio {:.2}), rpo {}",
-            report.goodput_fraction,
-            report.compressible_multiple,
-            report.compressible_ratio,
-            report.rpo.iter().map(|(l, p50, p99)| format!("{l}%: p50 {p50:.2}s p99 {p99:.2}s")).collect::<Vec<_>>().join(", ")
-        );
-        profiles.push(report);
-        std::fs::remove_dir_all(&dir).ok();
+        let mut trials = Vec::new();
+        for run in 1..=config.runs {
+            let dir = scratch.join(format!("wan-{name}-{run}"));
+            std::fs::create_dir_all(&dir)?;
+            let trial = measure_profile(config, binary, simnet, name, rate_bits, &dir)
+                .with_context(|| format!("WAN benchmark on profile {name}, run {run}"))?;
+            eprintln!(
+                "wan {name} run {run}/{}: goodput {:.2} of the link (incompressible), {:.2}x the link (3:1 data, ratio {:.2}), rpo {}",
+                config.runs,
+                trial.goodput_fraction,
+                trial.compressible_multiple,
+                trial.compressible_ratio,
+                RPO_LOADS
+                    .iter()
+                    .zip(&trial.rpo)
+                    .map(|(l, (p50, p99))| format!("{l}%: p50 {p50:.2}s p99 {p99:.2}s"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            trials.push(trial);
+            std::fs::remove_dir_all(&dir).ok();
+        }
+        profiles.push(ProfileReport { profile: name.clone(), rate_bits, trials });
     }
     Ok(Report { profiles })
 }
@@ -141,7 +194,7 @@ fn measure_profile(
     profile: &str,
     rate_bits: u64,
     dir: &Path,
-) -> Result<ProfileReport> {
+) -> Result<Trial> {
     let pair = Pair::start(binary, Some((simnet, profile)), dir)?;
     let a = &pair.a;
     let backlog = (rate_bits / 8 * config.backlog_link_seconds).max(16 << 20) / (1 << 20) * (1 << 20);
@@ -165,19 +218,11 @@ fn measure_profile(
         c3.backlog_bytes, c3.raw_sent, c3.wire_sent, c3.seconds
     );
     let mut rpo = Vec::new();
-    for load_percent in [50u32, 90] {
+    for load_percent in RPO_LOADS {
         let bytes_per_second = rate_bits / 8 * u64::from(load_percent) / 100;
-        let (p50, p99) = rpo_under_load(a, bytes_per_second, config.load_seconds, 2 * backlog)?;
-        rpo.push((load_percent, p50, p99));
+        rpo.push(rpo_under_load(a, bytes_per_second, config.load_seconds, 2 * backlog)?);
     }
-    Ok(ProfileReport {
-        profile: profile.to_string(),
-        rate_bits,
-        goodput_fraction,
-        compressible_multiple,
-        compressible_ratio,
-        rpo,
-    })
+    Ok(Trial { goodput_fraction, compressible_multiple, compressible_ratio, rpo })
 }
 
 /// What fio writes.
@@ -304,53 +349,61 @@ pub fn markdown(report: &Report, context: &str, config: &Config) -> String {
     out.push_str("## Replication over a simulated WAN\n\n");
     out.push_str(context);
     out.push_str(&format!(
-        "\n\nTwo sites on this machine joined by two `simnet` relays with the named profile. **Goodput**: \
+        "\n\nTwo sites on this machine joined by two `simnet` relays with the named profile; {} trials per \
+         profile, each on a new pair of sites, each figure the median of the trials with their range in \
+         brackets (min–max), and the verdicts on the medians. **Goodput**: \
          replication is paused, a backlog of {} s of link time is written with fio (1 MiB sequential writes; \
          incompressible, or fio's `--buffer_compress_percentage=67`), replication resumes, and the catch-up is timed \
          from the resume command until `lag_records` is 0 (ramp-up included): the journal bytes that were waiting \
          (`lag_bytes`, each counted once however often it was sent) per second, over the link's rate. **RPO**: fio writes incompressible \
          64 KiB blocks at 50% and 90% of the link's rate for {} s while `rpo_seconds` is sampled every {} ms (the \
          first 2 s left out). The link rate counts UDP payload, so QUIC's headers and acknowledgements come out of it.\n\n",
+        config.runs,
         config.backlog_link_seconds,
         config.load_seconds,
         RPO_SAMPLE_INTERVAL.as_millis()
     ));
     out.push_str("| Profile | Link | Goodput, incompressible | 3:1 data, effective | rpo p50 / p99 at 50% load | rpo p50 / p99 at 90% load |\n");
     out.push_str("|---|---|---|---|---|---|\n");
+    let spread = |s: Summary, unit: &str| format!("{:.2}{unit} ({:.2}–{:.2})", s.median, s.min, s.max);
     for p in &report.profiles {
         let target = p.profile == "wan";
+        let (Some(goodput), Some(compressible), Some(ratio)) = (p.goodput(), p.compressible(), p.ratio())
+        else {
+            continue;
+        };
         let rpo = |load: u32| {
-            p.rpo.iter().find(|(l, _, _)| *l == load).map_or("-".to_string(), |(_, p50, p99)| {
+            p.rpo(load).map_or("-".to_string(), |(p50, p99)| {
                 let verdict = if target && load == 50 {
                     format!(
                         " ({}: p99 at most {RPO_P99_TARGET_SECONDS} s)",
-                        met(*p99 <= RPO_P99_TARGET_SECONDS)
+                        met(p99.median <= RPO_P99_TARGET_SECONDS)
                     )
                 } else {
                     String::new()
                 };
-                format!("{p50:.2} s / {p99:.2} s{verdict}")
+                format!("{} / {}{verdict}", spread(p50, " s"), spread(p99, " s"))
             })
         };
         out.push_str(&format!(
-            "| {} | {} Mbit/s | {:.2} of the link{} | {:.2}x the link (zstd ratio {:.2}){} | {} | {} |\n",
+            "| {} | {} Mbit/s | {} of the link{} | {} the link (zstd ratio {:.2}){} | {} | {} |\n",
             p.profile,
             p.rate_bits / 1_000_000,
-            p.goodput_fraction,
+            spread(goodput, ""),
             if target {
                 format!(
                     " ({}: at least {GOODPUT_TARGET_FRACTION})",
-                    met(p.goodput_fraction >= GOODPUT_TARGET_FRACTION)
+                    met(goodput.median >= GOODPUT_TARGET_FRACTION)
                 )
             } else {
                 String::new()
             },
-            p.compressible_multiple,
-            p.compressible_ratio,
+            spread(compressible, "x"),
+            ratio.median,
             if target {
                 format!(
                     " ({}: at least {COMPRESSIBLE_TARGET_MULTIPLE}x)",
-                    met(p.compressible_multiple >= COMPRESSIBLE_TARGET_MULTIPLE)
+                    met(compressible.median >= COMPRESSIBLE_TARGET_MULTIPLE)
                 )
             } else {
                 String::new()
