@@ -224,6 +224,12 @@ pub fn median(values: Vec<f64>) -> f64 {
     crate::stats::Summary::of(&values).map_or(f64::NAN, |s| s.median)
 }
 
+/// The median of `values` with their range, "1.23 s (1.01–2.34)" ("-" when there are none).
+fn spread(values: Vec<f64>, unit: &str) -> String {
+    crate::stats::Summary::of(&values)
+        .map_or("-".to_string(), |s| format!("{:.2}{unit} ({:.2}–{:.2})", s.median, s.min, s.max))
+}
+
 /// One line per figure.
 pub fn summary_lines(report: &Report) -> Vec<String> {
     let verdict = |v: f64, target: f64| if v <= target { "MET" } else { "NOT MET" };
@@ -255,7 +261,8 @@ pub fn markdown(report: &Report, context: &str) -> String {
     out.push_str("## Role changes\n\n");
     out.push_str(context);
     out.push_str(&format!(
-        "\n\nTwo sites, a fresh pair per trial; medians of each link's trials. On loopback the sites talk \
+        "\n\nTwo sites, a fresh pair per trial; medians of each link's trials with their range (min–max), the \
+         verdicts on the medians. On loopback the sites talk \
          directly; otherwise through two `simnet` relays (one per dialling direction) with the named profile. \
          The workload runs on the primary during the swap and until the primary is killed: `{}`.\n\n",
         report.workload
@@ -264,19 +271,22 @@ pub fn markdown(report: &Report, context: &str) -> String {
     out.push_str("|---|---|---|---|---|---|---|---|\n");
     for (label, trials) in &report.links {
         let col = |f: fn(&Trial) -> f64| median(trials.iter().map(f).collect());
+        let range = |f: fn(&Trial) -> f64, unit: &str| spread(trials.iter().map(f).collect(), unit);
         let swap = col(|t| t.swap_seconds);
         let takeover_write = col(|t| t.takeover_to_write_seconds);
         out.push_str(&format!(
-            "| {label} | {} | {swap:.2} s ({}: at most {SWAP_TARGET_SECONDS} s) | {:.2} s | {takeover_write:.2} s ({}: at most {TAKEOVER_TARGET_SECONDS} s) | {:.2} s | {:.1} MiB / {:.1} MiB ({:.2}x) | {:.2} s |\n",
+            "| {label} | {} | {} ({}: at most {SWAP_TARGET_SECONDS} s) | {} | {} ({}: at most {TAKEOVER_TARGET_SECONDS} s) | {} | {:.1} MiB / {:.1} MiB ({}) | {} |\n",
             trials.len(),
+            range(|t| t.swap_seconds, " s"),
             verdict(swap, SWAP_TARGET_SECONDS),
-            col(|t| t.swap_to_write_seconds),
+            range(|t| t.swap_to_write_seconds, " s"),
+            range(|t| t.takeover_to_write_seconds, " s"),
             verdict(takeover_write, TAKEOVER_TARGET_SECONDS),
-            col(|t| t.takeover_seconds),
+            range(|t| t.takeover_seconds, " s"),
             col(|t| t.failback_sent_bytes as f64) / (1u64 << 20) as f64,
             col(|t| t.failback_written_bytes as f64) / (1u64 << 20) as f64,
-            col(|t| t.failback_sent_bytes as f64 / t.failback_written_bytes as f64),
-            col(|t| t.failback_seconds),
+            range(|t| t.failback_sent_bytes as f64 / t.failback_written_bytes as f64, "x"),
+            range(|t| t.failback_seconds, " s"),
         ));
     }
     out.push_str(
