@@ -255,7 +255,7 @@ pub fn markdown(r: &Report, context: &str) -> String {
         c.runs,
         mib_or_gib(c.replicated_bytes)
     ));
-    out.push_str("| zstd level | primary CPU-s per GiB, median (min–max) | partner CPU-s per GiB | compression ratio | catch-up GiB/s |\n");
+    out.push_str("| zstd level | primary CPU-s per GiB, median (min–max) | partner CPU-s per GiB, median (min–max) | compression ratio, median | catch-up GiB/s, median (min–max) |\n");
     out.push_str("|---|---|---|---|---|\n");
     for l in &r.levels {
         let spread = |v: &[f64]| {
@@ -267,9 +267,9 @@ pub fn markdown(r: &Report, context: &str) -> String {
             "| {} | {} | {} | {}:1 | {} |\n",
             l.level,
             spread(&l.primary_cpu_per_gib),
-            med(&l.partner_cpu_per_gib),
+            spread(&l.partner_cpu_per_gib),
             med(&l.compression_ratio),
-            med(&l.gib_per_second)
+            spread(&l.gib_per_second)
         ));
     }
     let m = &r.memory;
