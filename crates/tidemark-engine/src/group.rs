@@ -15,7 +15,7 @@ use tidemark_journal::record::HEADER_BYTES;
 use tidemark_journal::storage::{replace_file, Storage, StorageFile};
 use tidemark_journal::{
     genesis_chain, ChainHash, Control, Generation, Journal, JournalConfig, JournalError, Location,
-    RawRecords, Record, RecordBody, Seq, UnixNanos, VolumeId, ZeroMode,
+    RawRecords, Record, RecordBody, ReplicaAppend, Seq, UnixNanos, VerifiedRecord, VolumeId, ZeroMode,
 };
 
 use crate::base::BaseImage;
@@ -87,6 +87,9 @@ pub struct Tables {
     times: RecordTimes,
     records_since_checkpoint: u64,
     storage: Arc<dyn Storage>,
+    /// Whether `control` lets hosts write ([`Tables::check_primary`] passes): kept with every
+    /// change of `control`, for [`Group::check_writable`].
+    writable: Arc<std::sync::atomic::AtomicBool>,
 }
 
 // The group's code reads the tables through the state (`st.volumes`) as if they were one
@@ -127,6 +130,9 @@ pub struct Group {
     /// How long each host write waits before it is taken (an overflow policy that slows hosts
     /// while the partner is out of reach; 0: no wait), in microseconds.
     write_delay_micros: AtomicU64,
+    /// Whether the control state lets hosts write (see [`Tables::writable`]), readable without
+    /// the group lock.
+    writable: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The journal-near-limit event fires when the journal passes this share of its limit.
@@ -323,6 +329,7 @@ impl Group {
         storage: Arc<dyn Storage>,
     ) -> Group {
         let durable = state.journal.last_seq().0;
+        let writable = state.tables.writable.clone();
         Group {
             name: name.to_string(),
             id,
@@ -337,6 +344,7 @@ impl Group {
             records_replayed: 0,
             near_limit: std::sync::atomic::AtomicBool::new(false),
             write_delay_micros: AtomicU64::new(0),
+            writable,
         }
     }
 
@@ -366,8 +374,14 @@ impl Group {
         }
     }
 
+    /// Refuse a host write early, before its data is hashed. Not the check that counts: that
+    /// one runs under the group lock right before the append. This one does not take the lock
+    /// while the group is writable, so concurrent writers do not queue on it twice.
     fn check_writable(&self) -> Result<()> {
         self.check_healthy()?;
+        if self.writable.load(Ordering::Acquire) {
+            return Ok(());
+        }
         self.state.lock().check_primary(&self.name)
     }
 
@@ -559,7 +573,7 @@ impl Group {
                 break;
             }
             for record in tidemark_journal::record::decode_all(&raw.bytes).map_err(JournalError::from)? {
-                if let RecordBody::Control(Control::VolumeCreated { name, .. }) = record.body {
+                if let RecordBody::Control(Control::VolumeCreated { name, .. }) = record.into_inner().body {
                     names.push(name);
                 }
             }
@@ -957,7 +971,7 @@ impl Group {
     /// Append and apply records received from the primary, in order. Each must continue this
     /// journal's chain exactly, or nothing more is written and the group has diverged. Returns
     /// the last seq; the caller makes it durable (flush) before acknowledging.
-    pub fn apply_replicated(&self, records: &[Record]) -> Result<Seq> {
+    pub fn apply_replicated(&self, records: &[VerifiedRecord]) -> Result<Seq> {
         self.check_healthy()?;
         let mut st = self.state.lock();
         if st.control.role != Role::Secondary {
@@ -967,21 +981,21 @@ impl Group {
             )));
         }
         let mut last = st.journal.last_seq();
-        for record in records {
-            let appended = match st.journal.append_replica(record) {
-                Ok(a) => a,
-                Err(JournalError::Diverged { seq, .. }) => {
-                    return Err(EngineError::Diverged {
-                        group: self.name.clone(),
-                        reason: format!("the primary's record {seq} does not continue this site's history"),
-                    })
-                }
-                Err(e) => return self.journal_result(Err(e)),
-            };
+        // One write for the batch; the records it did append are applied even when it stopped
+        // early, so the index always describes the journal.
+        let ReplicaAppend { appended, refused } = st.journal.append_replicas(records);
+        for (record, appended) in records.iter().zip(&appended) {
             st.apply(record, appended.location)?;
             last = appended.seq;
         }
-        Ok(last)
+        match refused {
+            None => Ok(last),
+            Some(JournalError::Diverged { seq, .. }) => Err(EngineError::Diverged {
+                group: self.name.clone(),
+                reason: format!("the primary's record {seq} does not continue this site's history"),
+            }),
+            Some(e) => self.journal_result(Err(e)),
+        }
     }
 
     /// Source time of record `seq` (the horizon's time for seqs before the journal).
@@ -1560,8 +1574,14 @@ fn execute_read(pieces: &[Piece], buf: &mut [u8], group: &str) -> Result<()> {
     Ok(())
 }
 
+/// Whether a group in this control state takes host writes: primary, with no swap under way.
+fn lets_hosts_write(control: &ControlState) -> bool {
+    control.role == Role::Primary && control.swap_pending.is_none()
+}
+
 impl Tables {
     fn new(control: ControlState, storage: Arc<dyn Storage>) -> Tables {
+        let writable = Arc::new(std::sync::atomic::AtomicBool::new(lets_hosts_write(&control)));
         Tables {
             control,
             volumes: BTreeMap::new(),
@@ -1571,6 +1591,7 @@ impl Tables {
             times: RecordTimes::default(),
             records_since_checkpoint: 0,
             storage,
+            writable,
         }
     }
 
@@ -1624,6 +1645,7 @@ impl Tables {
             &*self.storage,
             CONTROL_FILE,
         ))?;
+        self.writable.store(lets_hosts_write(&control), Ordering::Release);
         self.control = control;
         Ok(())
     }

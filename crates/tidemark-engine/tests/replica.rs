@@ -6,8 +6,8 @@ mod common;
 use common::{open, ship};
 
 use tidemark_engine::{Durability, EngineError, GroupOptions, ImageMode, Point};
-use tidemark_journal::record::decode;
-use tidemark_journal::Seq;
+use tidemark_journal::record::{self, decode_verified, RecordMeta};
+use tidemark_journal::{ChainHash, RecordBody, Seq};
 
 #[test]
 fn a_secondary_receives_volumes_data_and_bookmarks_in_band() {
@@ -70,12 +70,20 @@ fn a_record_that_does_not_continue_the_secondary_history_is_refused_unwritten() 
     let s = secondary.group_handle("g").expect("s");
     let next = Seq(s.position().last_seq.0 + 1);
     let raw = p.read_for_shipping(p.locate(next).expect("locate"), next, 1 << 20).expect("read");
-    let genuine = decode(&raw.bytes, None).expect("decode");
-    // Same seq and claimed chain, other content: what a split-brain partner would send.
-    let mut forged = genuine.clone();
-    if let tidemark_journal::RecordBody::Write { data, .. } = &mut forged.body {
-        data[0] ^= 1;
-    }
+    let genuine = decode_verified(&raw.bytes, None).expect("decode");
+    // The same seq with other content, whole and checksummed, on top of another history: what
+    // a split-brain partner would send.
+    let RecordBody::Write { volume, offset, .. } = genuine.body else { panic!("a write") };
+    let meta = RecordMeta {
+        seq: genuine.seq,
+        generation: genuine.generation,
+        time: genuine.time,
+        durable: genuine.seq,
+    };
+    let mut bytes = Vec::new();
+    let body = RecordBody::Write { volume, offset, data: vec![7; 4096] };
+    record::encode(meta, &body, &ChainHash([7; 32]), &mut bytes);
+    let forged = decode_verified(&bytes, None).expect("a well-formed record");
     let before = s.position();
     match s.apply_replicated(&[forged]) {
         Err(EngineError::Diverged { reason, .. }) => {

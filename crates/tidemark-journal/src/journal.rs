@@ -15,7 +15,9 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::record::{self, DecodeError, RecordBody, RecordHeader, RecordMeta, HEADER_BYTES, TRAILER_BYTES};
+use crate::record::{
+    self, DecodeError, RecordBody, RecordHeader, RecordMeta, VerifiedRecord, HEADER_BYTES, TRAILER_BYTES,
+};
 use crate::stats::JournalStats;
 use crate::storage::{Storage, StorageFile};
 use crate::{ChainHash, Generation, JournalError, Location, Record, Seq, UnixNanos, VolumeId};
@@ -69,6 +71,16 @@ pub struct Appended {
     pub location: Location,
     /// The chain hash after it.
     pub chain: ChainHash,
+}
+
+/// What [`Journal::append_replicas`] did: the records it appended, in order, and why it stopped
+/// before the rest, if it did.
+#[derive(Debug, Default)]
+pub struct ReplicaAppend {
+    /// The records appended, a prefix of those given.
+    pub appended: Vec<Appended>,
+    /// Why the next record was not appended; `None` when every one was.
+    pub refused: Option<JournalError>,
 }
 
 /// What a flush must sync to make every record up to `upto` durable. Taken under the group's
@@ -387,23 +399,121 @@ impl Journal {
 
     /// Append a record received from a partner: the same seq, generation, time and content.
     /// The chain it produces here must equal the partner's; that is checked before anything is
-    /// written, so a divergent record never enters the journal.
-    pub fn append_replica(&mut self, record: &Record) -> Result<Appended, JournalError> {
-        if record.seq != self.next_seq {
-            return Err(JournalError::Invalid(format!(
-                "replicated record has seq {} but seq {} is next here",
-                record.seq.0, self.next_seq.0
-            )));
+    /// written, so a divergent record never enters the journal. See [`Journal::append_replicas`].
+    pub fn append_replica(&mut self, record: &VerifiedRecord) -> Result<Appended, JournalError> {
+        let ReplicaAppend { mut appended, refused } = self.append_replicas(std::slice::from_ref(record));
+        match (refused, appended.pop()) {
+            (Some(e), _) => Err(e),
+            (None, Some(appended)) => Ok(appended),
+            (None, None) => Err(JournalError::Invalid("replicated record was not appended".into())),
         }
-        if record.time < self.last_time {
-            return Err(JournalError::Invalid(format!(
-                "replicated record {} goes back in time",
-                record.seq.0
-            )));
+    }
+
+    /// Append records received from a partner, in order, with one write per segment they fill
+    /// rather than one per record. Each keeps its seq, generation, time and content; the chain
+    /// it produces here must equal the partner's, which is checked before anything is written.
+    ///
+    /// Each record's verified content hash is reused, not computed again (see
+    /// [`record::encode_replica`]).
+    ///
+    /// Stops at the first record it refuses (out of order, back in time, divergent) or the first
+    /// write that fails; the records before it are appended and reported, so the owner can apply
+    /// exactly those.
+    pub fn append_replicas(&mut self, records: &[VerifiedRecord]) -> ReplicaAppend {
+        let mut done = ReplicaAppend { appended: Vec::with_capacity(records.len()), refused: None };
+        let mut batch = std::mem::take(&mut self.encode_buf);
+        batch.clear();
+        // What `batch` holds, staged but not written: the tail as it will be once it is.
+        let mut staged: Vec<Appended> = Vec::new();
+        let (mut next_seq, mut chain, mut last_time) = (self.next_seq, self.chain, self.last_time);
+        let (mut index, mut start) = self.tail_segment();
+        for record in records {
+            if record.seq != next_seq {
+                done.refused = Some(JournalError::Invalid(format!(
+                    "replicated record has seq {} but seq {} is next here",
+                    record.seq.0, next_seq.0
+                )));
+                break;
+            }
+            if record.time < last_time {
+                done.refused = Some(JournalError::Invalid(format!(
+                    "replicated record {} goes back in time",
+                    record.seq.0
+                )));
+                break;
+            }
+            let len_before = batch.len();
+            let meta = RecordMeta {
+                seq: next_seq,
+                generation: record.generation,
+                time: record.time,
+                durable: Seq(self.durable.load(Ordering::Acquire)),
+            };
+            let ours = record::encode_replica(meta, record, &chain, &mut batch);
+            if ours != record.chain {
+                batch.truncate(len_before);
+                done.refused = Some(JournalError::Diverged { seq: next_seq.0, ours, theirs: record.chain });
+                break;
+            }
+            let len = (batch.len() - len_before) as u64;
+            let mut offset = start + len_before as u64;
+            if offset + len > self.config.segment_bytes_max && offset > SEGMENT_HEADER_BYTES {
+                // This record starts the next segment: write what precedes it, then roll over.
+                let record_bytes = batch.split_off(len_before);
+                let written = self.write_staged(index, start, &batch, &mut staged, last_time, &mut done);
+                let rolled = written.and_then(|()| self.start_segment(index + 1));
+                if let Err(e) = rolled {
+                    done.refused = Some(e);
+                    staged.clear();
+                    batch = record_bytes;
+                    break;
+                }
+                batch = record_bytes;
+                (index, start) = self.tail_segment();
+                offset = start;
+            }
+            staged.push(Appended {
+                seq: next_seq,
+                location: Location { segment: index, offset },
+                chain: ours,
+            });
+            next_seq = Seq(next_seq.0 + 1);
+            chain = ours;
+            last_time = record.time;
         }
-        self.append_checked(record.generation, record.time, Some(record.chain), |meta, prev, out| {
-            record::encode(meta, &record.body, prev, out)
-        })
+        if !staged.is_empty() {
+            if let Err(e) = self.write_staged(index, start, &batch, &mut staged, last_time, &mut done) {
+                done.refused.get_or_insert(e);
+            }
+        }
+        self.encode_buf = batch;
+        done
+    }
+
+    /// Write `bytes` (the records `staged` describes, the newest at `last_time`) at `start` of
+    /// tail segment `index`, and move the tail past them: they become part of `done`.
+    fn write_staged(
+        &mut self,
+        index: u64,
+        start: u64,
+        bytes: &[u8],
+        staged: &mut Vec<Appended>,
+        last_time: UnixNanos,
+        done: &mut ReplicaAppend,
+    ) -> Result<(), JournalError> {
+        let Some(last) = staged.last().copied() else { return Ok(()) };
+        let segment = self.segments.get_mut(&index).ok_or(JournalError::Invalid("no tail segment".into()))?;
+        segment.file.write_all_at(bytes, start).map_err(|e| {
+            JournalError::io("append to journal", self.storage.describe(&segment_name(index)), e)
+        })?;
+        segment.len += bytes.len() as u64;
+        self.stats.record_appends(staged.len() as u64, bytes.len() as u64);
+        self.cue_writeback(bytes.len() as u64);
+        self.next_seq = Seq(last.seq.0 + 1);
+        self.chain = last.chain;
+        self.last_time = last_time;
+        done.appended.append(staged);
+        Ok(())
     }
 
     fn append_with(
@@ -455,13 +565,7 @@ impl Journal {
         }
         segment.len += buf.len() as u64;
         self.stats.record_append(buf.len() as u64);
-        if let Some(w) = &mut self.writeback {
-            w.since += buf.len() as u64;
-            if w.since >= w.every {
-                w.since = 0;
-                (w.hook)();
-            }
-        }
+        self.cue_writeback(buf.len() as u64);
         self.encode_buf = buf;
         self.next_seq = Seq(seq.0 + 1);
         self.chain = chain;
@@ -695,6 +799,17 @@ impl Journal {
 
     fn tail_segment(&self) -> (u64, u64) {
         self.segments.iter().next_back().map_or((0, SEGMENT_HEADER_BYTES), |(&i, s)| (i, s.len))
+    }
+
+    /// Count `bytes` more appended; call the writeback hook each time another interval passes.
+    fn cue_writeback(&mut self, bytes: u64) {
+        if let Some(w) = &mut self.writeback {
+            w.since += bytes;
+            if w.since >= w.every {
+                w.since = 0;
+                (w.hook)();
+            }
+        }
     }
 
     /// Seal the current segment (sync it) and start segment `index`, durably, before any record

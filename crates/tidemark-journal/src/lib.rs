@@ -15,10 +15,10 @@ pub mod stats;
 pub mod storage;
 
 pub use journal::{
-    genesis_chain, Appended, Journal, JournalConfig, JournalReader, RawRecords, RecoveryReport, ResumePoint,
-    SegmentSummary, SyncTicket,
+    genesis_chain, Appended, Journal, JournalConfig, JournalReader, RawRecords, RecoveryReport,
+    ReplicaAppend, ResumePoint, SegmentSummary, SyncTicket,
 };
-pub use record::{Control, Record, RecordBody, ZeroMode};
+pub use record::{Control, Record, RecordBody, VerifiedRecord, ZeroMode};
 
 /// A record's position in its group's history; grows by one per record.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -253,10 +253,57 @@ pub fn payload_hash(payload: &[u8]) -> [u8; 32] {
     *blake3::hash(payload).as_bytes()
 }
 
+/// Encode a record received from a partner after `prev_chain`, appending it to `out` (not
+/// cleared: a batch of records goes out in one write); returns its chain hash here.
+///
+/// The record's verified content hash does not depend on the site-local durable lag, so it is
+/// reused instead of hashing the payload again; only the checksum, which covers the lag, is
+/// computed here.
+pub fn encode_replica(
+    meta: RecordMeta,
+    record: &VerifiedRecord,
+    prev_chain: &ChainHash,
+    out: &mut Vec<u8>,
+) -> ChainHash {
+    let known = Hash::Content(record.checksum);
+    match &record.body {
+        RecordBody::Write { volume, offset, data } => append_parts(
+            meta,
+            (KIND_WRITE, 0),
+            *volume,
+            *offset,
+            data.len() as u64,
+            data,
+            known,
+            prev_chain,
+            out,
+        ),
+        RecordBody::Zero { volume, offset, length, mode } => {
+            let flags = if *mode == ZeroMode::Allocate { FLAG_ZERO_ALLOCATE } else { 0 };
+            append_parts(meta, (KIND_ZERO, flags), *volume, *offset, *length, &[], known, prev_chain, out)
+        }
+        RecordBody::Control(control) => {
+            let payload = postcard::to_stdvec(control).expect("control records always serialize");
+            append_parts(meta, (KIND_CONTROL, 0), VolumeId(0), 0, 0, &payload, known, prev_chain, out)
+        }
+    }
+}
+
+/// What an encoder already knows of a record's hashes.
+#[derive(Clone, Copy)]
+enum Hash {
+    /// Nothing: hash the payload.
+    Unknown,
+    /// The payload's [`payload_hash`].
+    Payload([u8; 32]),
+    /// The record's content hash (see [`hashes_of`]).
+    Content([u8; 16]),
+}
+
 #[allow(clippy::too_many_arguments)]
 fn encode_parts(
     meta: RecordMeta,
-    (kind, flags): (u8, u8),
+    kind_flags: (u8, u8),
     volume: VolumeId,
     offset: u64,
     length: u64,
@@ -265,12 +312,29 @@ fn encode_parts(
     prev_chain: &ChainHash,
     out: &mut Vec<u8>,
 ) -> ChainHash {
-    assert!(payload.len() <= PAYLOAD_BYTES_MAX, "record payload over PAYLOAD_BYTES_MAX");
     debug_assert!(
         payload_hash_known.is_none_or(|h| h == payload_hash(payload)),
         "wrong precomputed payload hash"
     );
     out.clear();
+    let known = payload_hash_known.map_or(Hash::Unknown, Hash::Payload);
+    append_parts(meta, kind_flags, volume, offset, length, payload, known, prev_chain, out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn append_parts(
+    meta: RecordMeta,
+    (kind, flags): (u8, u8),
+    volume: VolumeId,
+    offset: u64,
+    length: u64,
+    payload: &[u8],
+    known: Hash,
+    prev_chain: &ChainHash,
+    out: &mut Vec<u8>,
+) -> ChainHash {
+    assert!(payload.len() <= PAYLOAD_BYTES_MAX, "record payload over PAYLOAD_BYTES_MAX");
+    let start = out.len();
     let total_len = (HEADER_BYTES + payload.len() + TRAILER_BYTES) as u32;
     out.extend_from_slice(&RECORD_MAGIC);
     out.extend_from_slice(&total_len.to_le_bytes());
@@ -284,40 +348,77 @@ fn encode_parts(
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     let durable_lag = u32::try_from(meta.seq.0.saturating_sub(meta.durable.0)).unwrap_or(u32::MAX);
     out.extend_from_slice(&durable_lag.to_le_bytes());
-    debug_assert_eq!(out.len(), HEADER_BYTES);
     let header_end = out.len();
+    debug_assert_eq!(header_end - start, HEADER_BYTES);
     out.extend_from_slice(payload);
-    let data_hash = payload_hash_known.unwrap_or_else(|| payload_hash(payload));
-    let (content, checksum) = hashes_of(out.get(..header_end).unwrap_or_default(), &data_hash);
+    let header = out.get(start..header_end).unwrap_or_default();
+    let (content, checksum) = match known {
+        Hash::Unknown => hashes_of(header, &payload_hash(payload)),
+        Hash::Payload(hash) => hashes_of(header, &hash),
+        Hash::Content(content) => {
+            debug_assert_eq!(
+                content,
+                hashes_of(header, &payload_hash(payload)).0,
+                "a replicated record's content hash does not match its content"
+            );
+            (content, checksum_after(&content, header))
+        }
+    };
     let chain = chain_next(prev_chain, &content);
     out.extend_from_slice(&checksum);
     out.extend_from_slice(&chain.0);
     chain
 }
 
+/// A record decoded from bytes whose checksum verified, so its content hash (`checksum`) is
+/// known to match its header and body. Only decoding makes one: an append that reuses the
+/// content hash instead of hashing the payload again ([`encode_replica`]) cannot be handed a
+/// record whose body or hash was changed after it was read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifiedRecord(Record);
+
+impl VerifiedRecord {
+    /// The record.
+    pub fn into_inner(self) -> Record {
+        self.0
+    }
+}
+
+impl std::ops::Deref for VerifiedRecord {
+    type Target = Record;
+    fn deref(&self) -> &Record {
+        &self.0
+    }
+}
+
+/// [`decode`], keeping the proof that the record verified.
+pub fn decode_verified(bytes: &[u8], prev_chain: Option<&ChainHash>) -> Result<VerifiedRecord, DecodeError> {
+    decode(bytes, prev_chain).map(VerifiedRecord)
+}
+
 /// Decode and verify consecutive whole records (as a journal reader returns them).
-pub fn decode_all(mut bytes: &[u8]) -> Result<Vec<Record>, DecodeError> {
+pub fn decode_all(mut bytes: &[u8]) -> Result<Vec<VerifiedRecord>, DecodeError> {
     let mut records = Vec::new();
     while !bytes.is_empty() {
         let head: &[u8; HEADER_BYTES] =
             bytes.get(..HEADER_BYTES).and_then(|h| h.try_into().ok()).ok_or(DecodeError::Truncated)?;
         let header = RecordHeader::decode(head).map_err(DecodeError::Malformed)?;
         let (one, rest) = bytes.split_at_checked(header.total_len as usize).ok_or(DecodeError::Truncated)?;
-        records.push(decode(one, None)?);
+        records.push(decode_verified(one, None)?);
         bytes = rest;
     }
     Ok(records)
 }
 
 /// A record whose checksum has been verified, its payload still borrowed.
-struct Verified<'a> {
+struct Checked<'a> {
     header: RecordHeader,
     content: [u8; 16],
     chain: ChainHash,
     payload: &'a [u8],
 }
 
-fn verified(bytes: &[u8]) -> Result<Verified<'_>, DecodeError> {
+fn verified(bytes: &[u8]) -> Result<Checked<'_>, DecodeError> {
     let head: &[u8; HEADER_BYTES] =
         bytes.get(..HEADER_BYTES).and_then(|h| h.try_into().ok()).ok_or(DecodeError::Truncated)?;
     let header = RecordHeader::decode(head).map_err(DecodeError::Malformed)?;
@@ -333,7 +434,7 @@ fn verified(bytes: &[u8]) -> Result<Verified<'_>, DecodeError> {
     }
     let mut chain = ChainHash([0; 32]);
     chain.0.copy_from_slice(stored_chain);
-    Ok(Verified { header, content, chain, payload })
+    Ok(Checked { header, content, chain, payload })
 }
 
 /// Verify a whole record's checksum without decoding its body (no copy of the payload), and
@@ -344,7 +445,7 @@ pub fn verify(bytes: &[u8]) -> Result<RecordHeader, DecodeError> {
 
 /// Decode and verify a whole record. `prev_chain`, when known, is checked against the stored chain.
 pub fn decode(bytes: &[u8], prev_chain: Option<&ChainHash>) -> Result<Record, DecodeError> {
-    let Verified { header, content, chain, payload } = verified(bytes)?;
+    let Checked { header, content, chain, payload } = verified(bytes)?;
     if let Some(prev) = prev_chain {
         if chain_next(prev, &content) != chain {
             return Err(DecodeError::ChainMismatch);
@@ -409,16 +510,21 @@ impl From<DecodeError> for JournalError {
 /// - the *checksum*: blake3 of the content hash and the durable-lag field, first 16 bytes,
 ///   stored in the record. It protects every byte, the site-local lag included.
 pub fn hashes_of(header: &[u8], payload_hash: &[u8; 32]) -> ([u8; 16], [u8; 16]) {
-    let lag = header.get(DURABLE_LAG_OFFSET..HEADER_BYTES).unwrap_or_default();
     let mut hasher = blake3::Hasher::new();
     hasher.update(header.get(..DURABLE_LAG_OFFSET).unwrap_or_default());
     hasher.update(&[0; HEADER_BYTES - DURABLE_LAG_OFFSET]);
     hasher.update(payload_hash);
     let content = truncate16(hasher.finalize().as_bytes());
+    (content, checksum_after(&content, header))
+}
+
+/// The checksum of a record from its content hash and its encoded header's durable-lag field.
+fn checksum_after(content: &[u8; 16], header: &[u8]) -> [u8; 16] {
+    let lag = header.get(DURABLE_LAG_OFFSET..HEADER_BYTES).unwrap_or_default();
     let mut hasher = blake3::Hasher::new();
-    hasher.update(&content);
+    hasher.update(content);
     hasher.update(lag);
-    (content, truncate16(hasher.finalize().as_bytes()))
+    truncate16(hasher.finalize().as_bytes())
 }
 
 fn truncate16(hash: &[u8; 32]) -> [u8; 16] {

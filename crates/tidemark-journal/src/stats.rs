@@ -143,6 +143,12 @@ impl JournalStats {
         self.appended_records_total.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Count `records` appended in one write of `bytes`.
+    pub fn record_appends(&self, records: u64, bytes: u64) {
+        self.appended_bytes_total.fetch_add(bytes, Ordering::Relaxed);
+        self.appended_records_total.fetch_add(records, Ordering::Relaxed);
+    }
+
     /// Count one fdatasync that took `duration`.
     pub fn record_sync(&self, duration: Duration) {
         self.sync_duration.observe_duration(duration);

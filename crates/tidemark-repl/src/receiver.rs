@@ -1,7 +1,7 @@
 //! The secondary's side of one group's stream: which batches to accept, in what order, and what
 //! to acknowledge. A batch is applied whole or not at all, after every check has passed.
 
-use tidemark_journal::{ChainHash, GenerationStart, Record, Seq};
+use tidemark_journal::{ChainHash, GenerationStart, Seq, VerifiedRecord};
 
 use crate::wire::{BatchFrame, GroupPosition, Message, WireError};
 
@@ -80,7 +80,7 @@ impl Receiver {
     /// Check a batch. `Ok(None)`: a duplicate of what is already here (ignore). `Ok(Some)`: the
     /// records to append, in order; the caller appends them, makes them durable, then calls
     /// [`Receiver::on_durable`].
-    pub fn on_batch(&mut self, frame: &BatchFrame) -> Result<Option<Vec<Record>>, ReceiverError> {
+    pub fn on_batch(&mut self, frame: &BatchFrame) -> Result<Option<Vec<VerifiedRecord>>, ReceiverError> {
         if frame.group_id != self.group_id {
             return Err(ReceiverError::WrongGroup { ours: self.group_id, theirs: frame.group_id });
         }

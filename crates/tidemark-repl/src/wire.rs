@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 use tidemark_journal::record::{self, RecordHeader, HEADER_BYTES};
-use tidemark_journal::{ChainHash, GenerationStart, Record, Seq, UnixNanos};
+use tidemark_journal::{ChainHash, GenerationStart, Seq, UnixNanos, VerifiedRecord};
 
 /// Version of this protocol; a peer with another version is refused at the handshake.
 pub const PROTOCOL_VERSION: u32 = 3;
@@ -322,7 +322,7 @@ impl BatchFrame {
     /// Decompress, verify the content hash, and decode the records, checking that their seqs
     /// run from `first_seq` to `last_seq` without a gap and that each continues the chain from
     /// `chain` (the receiver's chain after `first_seq - 1`).
-    pub fn open(&self, chain: &ChainHash) -> Result<Vec<Record>, WireError> {
+    pub fn open(&self, chain: &ChainHash) -> Result<Vec<VerifiedRecord>, WireError> {
         if self.raw_bytes > BATCH_RAW_BYTES_MAX || self.last_seq < self.first_seq {
             return Err(WireError::Oversized { bytes: self.raw_bytes });
         }
@@ -347,7 +347,8 @@ impl BatchFrame {
             let (bytes, tail) = rest
                 .split_at_checked(header.total_len as usize)
                 .ok_or_else(|| bad(expected.0, "truncated record".into()))?;
-            let rec = record::decode(bytes, Some(&prev)).map_err(|e| bad(expected.0, e.to_string()))?;
+            let rec =
+                record::decode_verified(bytes, Some(&prev)).map_err(|e| bad(expected.0, e.to_string()))?;
             if rec.seq != expected {
                 return Err(bad(expected.0, format!("has seq {}", rec.seq.0)));
             }
