@@ -217,17 +217,30 @@ pub struct RecordMeta {
 
 /// Encode a record after `prev_chain` into `out` (cleared first); returns its new chain hash.
 pub fn encode(meta: RecordMeta, body: &RecordBody, prev_chain: &ChainHash, out: &mut Vec<u8>) -> ChainHash {
+    out.clear();
+    append_body(meta, body, Hash::Unknown, prev_chain, out)
+}
+
+/// Append the encoding of a record with `body` to `out`; returns its new chain hash.
+fn append_body(
+    meta: RecordMeta,
+    body: &RecordBody,
+    known: Hash,
+    prev_chain: &ChainHash,
+    out: &mut Vec<u8>,
+) -> ChainHash {
     match body {
         RecordBody::Write { volume, offset, data } => {
-            encode_write(meta, *volume, *offset, data, None, prev_chain, out)
+            let length = data.len() as u64;
+            append_parts(meta, (KIND_WRITE, 0), *volume, *offset, length, data, known, prev_chain, out)
         }
         RecordBody::Zero { volume, offset, length, mode } => {
             let flags = if *mode == ZeroMode::Allocate { FLAG_ZERO_ALLOCATE } else { 0 };
-            encode_parts(meta, (KIND_ZERO, flags), *volume, *offset, *length, &[], None, prev_chain, out)
+            append_parts(meta, (KIND_ZERO, flags), *volume, *offset, *length, &[], known, prev_chain, out)
         }
         RecordBody::Control(control) => {
             let payload = postcard::to_stdvec(control).expect("control records always serialize");
-            encode_parts(meta, (KIND_CONTROL, 0), VolumeId(0), 0, 0, &payload, None, prev_chain, out)
+            append_parts(meta, (KIND_CONTROL, 0), VolumeId(0), 0, 0, &payload, known, prev_chain, out)
         }
     }
 }
@@ -265,28 +278,7 @@ pub fn encode_replica(
     prev_chain: &ChainHash,
     out: &mut Vec<u8>,
 ) -> ChainHash {
-    let known = Hash::Content(record.checksum);
-    match &record.body {
-        RecordBody::Write { volume, offset, data } => append_parts(
-            meta,
-            (KIND_WRITE, 0),
-            *volume,
-            *offset,
-            data.len() as u64,
-            data,
-            known,
-            prev_chain,
-            out,
-        ),
-        RecordBody::Zero { volume, offset, length, mode } => {
-            let flags = if *mode == ZeroMode::Allocate { FLAG_ZERO_ALLOCATE } else { 0 };
-            append_parts(meta, (KIND_ZERO, flags), *volume, *offset, *length, &[], known, prev_chain, out)
-        }
-        RecordBody::Control(control) => {
-            let payload = postcard::to_stdvec(control).expect("control records always serialize");
-            append_parts(meta, (KIND_CONTROL, 0), VolumeId(0), 0, 0, &payload, known, prev_chain, out)
-        }
-    }
+    append_body(meta, &record.body, Hash::Content(record.checksum), prev_chain, out)
 }
 
 /// What an encoder already knows of a record's hashes.
