@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 use simnet::{DirectionStats, LinkSettings, Simnet, SimnetConfig, Stats, Ways};
 
 use crate::scenario::Cut;
-use crate::supervisor::{LinkHint, SitePorts, SiteProcess};
+use crate::supervisor::{FreePorts, LinkHint, SitePorts, SiteProcess};
 
 /// Mixed into the seed of the second relay, so the two draw differently.
 const RELAY_SEED_MIX: u64 = 0xD1B5_4A32_D192_ED03;
@@ -41,11 +41,17 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// Free loopback ports for everything, without control interfaces.
+    /// Free loopback ports for everything, all different, without control interfaces.
     pub fn free() -> std::io::Result<Layout> {
+        Layout::free_from(&mut FreePorts::default())
+    }
+
+    /// [`Layout::free`], with ports none of which `ports` picked before (the caller may pick
+    /// more from it, still all different).
+    pub fn free_from(ports: &mut FreePorts) -> std::io::Result<Layout> {
         Ok(Layout {
-            sites: [SitePorts::free()?, SitePorts::free()?],
-            relays: [crate::supervisor::free_udp_addr()?, crate::supervisor::free_udp_addr()?],
+            sites: [SitePorts::free(ports)?, SitePorts::free(ports)?],
+            relays: [ports.udp()?, ports.udp()?],
             controls: [None, None],
         })
     }

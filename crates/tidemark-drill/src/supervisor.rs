@@ -76,14 +76,62 @@ fn unregister(id: u32) {
     CHILDREN.lock().unwrap_or_else(|e| e.into_inner()).retain(|&c| c != id);
 }
 
-/// A free TCP port on loopback (free when asked; another process may take it before use).
-pub fn free_tcp_addr() -> std::io::Result<SocketAddr> {
-    TcpListener::bind("127.0.0.1:0")?.local_addr()
+/// Picks free loopback ports, each one different from every other it picked: each socket stays
+/// bound until the picker is dropped, so the kernel cannot hand the same port out twice (it did:
+/// a site was once given one port for NBD and metrics, and refused to start). Free when picked;
+/// another process may still take one before the sites bind it.
+#[derive(Default)]
+pub struct FreePorts {
+    tcp: Vec<TcpListener>,
+    udp: Vec<UdpSocket>,
+    taken: std::collections::BTreeSet<u16>,
 }
 
-/// A free UDP port on loopback.
-pub fn free_udp_addr() -> std::io::Result<SocketAddr> {
-    UdpSocket::bind("127.0.0.1:0")?.local_addr()
+/// Tries before [`FreePorts`] gives up finding a port not yet picked.
+const FREE_PORT_TRIES: usize = 64;
+
+impl FreePorts {
+    /// A free TCP port.
+    pub fn tcp(&mut self) -> std::io::Result<SocketAddr> {
+        self.pick(|| {
+            let socket = TcpListener::bind("127.0.0.1:0")?;
+            Ok((socket.local_addr()?, Socket::Tcp(socket)))
+        })
+    }
+
+    /// A free UDP port.
+    pub fn udp(&mut self) -> std::io::Result<SocketAddr> {
+        self.pick(|| {
+            let socket = UdpSocket::bind("127.0.0.1:0")?;
+            Ok((socket.local_addr()?, Socket::Udp(socket)))
+        })
+    }
+
+    /// A port number not picked before (in either protocol: a site's config refuses two
+    /// listeners on one address whatever they speak).
+    fn pick(
+        &mut self,
+        bind: impl Fn() -> std::io::Result<(SocketAddr, Socket)>,
+    ) -> std::io::Result<SocketAddr> {
+        for _ in 0..FREE_PORT_TRIES {
+            let (addr, socket) = bind()?;
+            if self.taken.insert(addr.port()) {
+                match socket {
+                    Socket::Tcp(s) => self.tcp.push(s),
+                    Socket::Udp(s) => self.udp.push(s),
+                }
+                return Ok(addr);
+            }
+        }
+        Err(std::io::Error::other(format!(
+            "no loopback port left that was not picked already ({FREE_PORT_TRIES} tries)"
+        )))
+    }
+}
+
+enum Socket {
+    Tcp(TcpListener),
+    Udp(UdpSocket),
 }
 
 /// A site's listeners.
@@ -100,14 +148,9 @@ pub struct SitePorts {
 }
 
 impl SitePorts {
-    /// Free loopback ports for each listener.
-    pub fn free() -> std::io::Result<SitePorts> {
-        Ok(SitePorts {
-            nbd: free_tcp_addr()?,
-            api: free_tcp_addr()?,
-            repl: free_udp_addr()?,
-            metrics: free_tcp_addr()?,
-        })
+    /// Free loopback ports for each listener, none of them picked by `ports` before.
+    pub fn free(ports: &mut FreePorts) -> std::io::Result<SitePorts> {
+        Ok(SitePorts { nbd: ports.tcp()?, api: ports.tcp()?, repl: ports.udp()?, metrics: ports.tcp()? })
     }
 }
 
@@ -350,4 +393,23 @@ pub fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all.get(all.len().saturating_sub(lines)..).unwrap_or(&[]).join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_all_different_and_held_until_dropped() {
+        let mut ports = FreePorts::default();
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..100 {
+            let addr = if i % 3 == 0 { ports.udp() } else { ports.tcp() }.expect("a free port");
+            assert!(seen.insert(addr.port()), "port {} picked twice", addr.port());
+        }
+        let held = ports.tcp().expect("one more");
+        assert!(TcpListener::bind(held).is_err(), "a picked port stays bound while the picker lives");
+        drop(ports);
+        assert!(TcpListener::bind(held).is_ok(), "and is free once it is dropped");
+    }
 }

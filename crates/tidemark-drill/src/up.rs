@@ -68,9 +68,10 @@ pub fn run_up(options: &UpOptions, out: &mut dyn Write) -> Result<(), String> {
         Ok(text) => serde_json::from_str::<Layout>(&text)
             .map_err(|e| format!("{}: {e}; delete the directory to start afresh", layout_path.display()))?,
         Err(_) if options.free_ports => {
-            let free = Layout::free().map_err(|e| format!("find free ports: {e}"))?;
-            let control = |_| crate::supervisor::free_tcp_addr().ok();
-            Layout { controls: [control(0), control(1)], ..free }
+            let mut ports = crate::supervisor::FreePorts::default();
+            let free = Layout::free_from(&mut ports).map_err(|e| format!("find free ports: {e}"))?;
+            let mut control = || ports.tcp().ok();
+            Layout { controls: [control(), control()], ..free }
         }
         Err(_) => standard_layout(),
     };
