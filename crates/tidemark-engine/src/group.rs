@@ -87,9 +87,6 @@ pub struct Tables {
     times: RecordTimes,
     records_since_checkpoint: u64,
     storage: Arc<dyn Storage>,
-    /// Whether `control` lets hosts write ([`Tables::check_primary`] passes): kept with every
-    /// change of `control`, for [`Group::check_writable`].
-    writable: Arc<std::sync::atomic::AtomicBool>,
 }
 
 // The group's code reads the tables through the state (`st.volumes`) as if they were one
@@ -130,9 +127,6 @@ pub struct Group {
     /// How long each host write waits before it is taken (an overflow policy that slows hosts
     /// while the partner is out of reach; 0: no wait), in microseconds.
     write_delay_micros: AtomicU64,
-    /// Whether the control state lets hosts write (see [`Tables::writable`]), readable without
-    /// the group lock.
-    writable: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The journal-near-limit event fires when the journal passes this share of its limit.
@@ -329,7 +323,6 @@ impl Group {
         storage: Arc<dyn Storage>,
     ) -> Group {
         let durable = state.journal.last_seq().0;
-        let writable = state.tables.writable.clone();
         Group {
             name: name.to_string(),
             id,
@@ -344,7 +337,6 @@ impl Group {
             records_replayed: 0,
             near_limit: std::sync::atomic::AtomicBool::new(false),
             write_delay_micros: AtomicU64::new(0),
-            writable,
         }
     }
 
@@ -374,14 +366,8 @@ impl Group {
         }
     }
 
-    /// Refuse a host write early, before its data is hashed. Not the check that counts: that
-    /// one runs under the group lock right before the append. This one does not take the lock
-    /// while the group is writable, so concurrent writers do not queue on it twice.
     fn check_writable(&self) -> Result<()> {
         self.check_healthy()?;
-        if self.writable.load(Ordering::Acquire) {
-            return Ok(());
-        }
         self.state.lock().check_primary(&self.name)
     }
 
@@ -1574,14 +1560,8 @@ fn execute_read(pieces: &[Piece], buf: &mut [u8], group: &str) -> Result<()> {
     Ok(())
 }
 
-/// Whether a group in this control state takes host writes: primary, with no swap under way.
-fn lets_hosts_write(control: &ControlState) -> bool {
-    control.role == Role::Primary && control.swap_pending.is_none()
-}
-
 impl Tables {
     fn new(control: ControlState, storage: Arc<dyn Storage>) -> Tables {
-        let writable = Arc::new(std::sync::atomic::AtomicBool::new(lets_hosts_write(&control)));
         Tables {
             control,
             volumes: BTreeMap::new(),
@@ -1591,7 +1571,6 @@ impl Tables {
             times: RecordTimes::default(),
             records_since_checkpoint: 0,
             storage,
-            writable,
         }
     }
 
@@ -1645,7 +1624,6 @@ impl Tables {
             &*self.storage,
             CONTROL_FILE,
         ))?;
-        self.writable.store(lets_hosts_write(&control), Ordering::Release);
         self.control = control;
         Ok(())
     }

@@ -522,16 +522,6 @@ impl Journal {
         time: UnixNanos,
         encode: impl FnOnce(RecordMeta, &ChainHash, &mut Vec<u8>) -> ChainHash,
     ) -> Result<Appended, JournalError> {
-        self.append_checked(generation, time, None, encode)
-    }
-
-    fn append_checked(
-        &mut self,
-        generation: Generation,
-        time: UnixNanos,
-        expected_chain: Option<ChainHash>,
-        encode: impl FnOnce(RecordMeta, &ChainHash, &mut Vec<u8>) -> ChainHash,
-    ) -> Result<Appended, JournalError> {
         let seq = self.next_seq;
         // Source times never go backwards within a group, so "the last record with time <= T"
         // is a binary search.
@@ -539,10 +529,6 @@ impl Journal {
         let meta = RecordMeta { seq, generation, time, durable: Seq(self.durable.load(Ordering::Acquire)) };
         let mut buf = std::mem::take(&mut self.encode_buf);
         let chain = encode(meta, &self.chain, &mut buf);
-        if let Some(expected) = expected_chain.filter(|e| *e != chain) {
-            self.encode_buf = buf;
-            return Err(JournalError::Diverged { seq: seq.0, ours: chain, theirs: expected });
-        }
         // Assertion for our own bugs: what we are about to write must read back as itself.
         debug_assert!(record::decode(&buf, Some(&self.chain)).is_ok());
         let (index, mut segment_len) = self.tail_segment();
