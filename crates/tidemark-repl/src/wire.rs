@@ -1,13 +1,13 @@
 //! What partners say to each other: postcard-encoded messages, one per frame, and the batch
 //! frame that carries a contiguous run of journal records, zstd-compressed, with a blake3 hash
-//! of the uncompressed content checked before anything is applied.
+//! tree over the uncompressed content checked before anything is applied.
 
 use serde::{Deserialize, Serialize};
-use tidemark_journal::record::{self, RecordHeader, HEADER_BYTES};
+use tidemark_journal::record::{self, DecodeError, RecordHeader, HEADER_BYTES, TRAILER_BYTES};
 use tidemark_journal::{ChainHash, GenerationStart, Seq, UnixNanos, VerifiedRecord};
 
 /// Version of this protocol; a peer with another version is refused at the handshake.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Largest uncompressed content of one batch, in bytes (a record carries at most 4 MiB of
 /// data, so a batch always has room for at least one).
 pub const BATCH_RAW_BYTES_MAX: u64 = 16 << 20;
@@ -137,15 +137,35 @@ impl Message {
     }
 }
 
-/// Decompress `payload` to exactly `raw_bytes` (the caller bounds it) and check its blake3
-/// hash: `Ok(None)` when the hash does not match.
-fn decompress_checked(payload: &[u8], raw_bytes: u64, hash: &[u8; 32]) -> Result<Option<Vec<u8>>, WireError> {
+/// Decompress `payload` to exactly `raw_bytes` (the caller bounds it).
+fn decompress(payload: &[u8], raw_bytes: u64) -> Result<Vec<u8>, WireError> {
     let raw = zstd::bulk::decompress(payload, raw_bytes as usize)
         .map_err(|e| WireError::Decompress(e.to_string()))?;
     if raw.len() as u64 != raw_bytes {
         return Err(WireError::Decompress(format!("{} bytes, {raw_bytes} claimed", raw.len())));
     }
-    Ok((blake3::hash(&raw).as_bytes() == hash).then_some(raw))
+    Ok(raw)
+}
+
+/// The hash a batch carries of its content `raw`: blake3 over the stored checksums of its
+/// records, in order; `None` when `raw` is not a run of whole records.
+///
+/// Each record's checksum is blake3 over its header and the blake3 of its payload (see
+/// docs/internals/journal.md), so this is a hash tree over every byte of the content, the chain
+/// trailers aside (each is checked against the receiver's own chain). Both ends verify every
+/// record's checksum anyway (the sender's journal reader as it reads, the receiver as it
+/// decodes), so a tree costs neither a second pass over the payloads.
+pub fn content_hash_of(raw: &[u8]) -> Option<[u8; 32]> {
+    let mut hasher = blake3::Hasher::new();
+    let mut rest = raw;
+    while !rest.is_empty() {
+        let head: &[u8; HEADER_BYTES] = rest.get(..HEADER_BYTES)?.try_into().ok()?;
+        let total = RecordHeader::decode(head).ok()?.total_len as usize;
+        let (one, tail) = rest.split_at_checked(total)?;
+        hasher.update(one.get(total - TRAILER_BYTES..total - TRAILER_BYTES + 16)?);
+        rest = tail;
+    }
+    Some(*hasher.finalize().as_bytes())
 }
 
 /// A volume as a baseline describes it.
@@ -225,8 +245,11 @@ impl BaselineChunk {
         if self.raw_bytes > BASELINE_CHUNK_BYTES_MAX {
             return Err(WireError::Oversized { bytes: self.raw_bytes });
         }
-        decompress_checked(&self.payload, self.raw_bytes, &self.content_hash)?
-            .ok_or(WireError::ChunkHashMismatch { volume: self.volume, offset: self.offset })
+        let data = decompress(&self.payload, self.raw_bytes)?;
+        if blake3::hash(&data).as_bytes() != &self.content_hash {
+            return Err(WireError::ChunkHashMismatch { volume: self.volume, offset: self.offset });
+        }
+        Ok(data)
     }
 }
 
@@ -243,7 +266,7 @@ pub struct BatchFrame {
     pub last_seq: Seq,
     /// Bytes of the uncompressed content (the concatenated records).
     pub raw_bytes: u64,
-    /// blake3 of the uncompressed content.
+    /// Hash tree over the uncompressed content ([`content_hash_of`]).
     pub content_hash: [u8; 32],
     /// zstd-compressed content (one byte string, as for baseline chunks).
     #[serde(with = "serde_bytes")]
@@ -266,7 +289,8 @@ pub enum WireError {
     /// The payload does not decompress to the size it claims.
     #[error("batch payload does not decompress: {0}")]
     Decompress(String),
-    /// The content hash does not match: corrupted in transit or in the sender's memory.
+    /// The content does not match its hash (the batch's, or a record's own checksum): corrupted
+    /// in transit or in the sender's memory.
     #[error("batch {first}..={last} content hash mismatch")]
     HashMismatch {
         /// First seq claimed.
@@ -297,7 +321,8 @@ pub enum WireError {
 }
 
 impl BatchFrame {
-    /// Build a batch from encoded journal records (`raw` is their concatenation).
+    /// Build a batch from whole, verified journal records (`raw` is their concatenation, as a
+    /// journal reader returns them); `None` when `raw` is not a run of whole records.
     pub fn build(
         group_id: u64,
         generation: u64,
@@ -305,18 +330,19 @@ impl BatchFrame {
         last_seq: Seq,
         raw: &[u8],
         level: i32,
-    ) -> BatchFrame {
+    ) -> Option<BatchFrame> {
         assert!(raw.len() as u64 <= BATCH_RAW_BYTES_MAX, "batch over BATCH_RAW_BYTES_MAX");
+        let content_hash = content_hash_of(raw)?;
         let payload = zstd::bulk::compress(raw, level).expect("zstd compresses any input");
-        BatchFrame {
+        Some(BatchFrame {
             group_id,
             generation,
             first_seq,
             last_seq,
             raw_bytes: raw.len() as u64,
-            content_hash: *blake3::hash(raw).as_bytes(),
+            content_hash,
             payload,
-        }
+        })
     }
 
     /// Decompress, verify the content hash, and decode the records, checking that their seqs
@@ -326,8 +352,11 @@ impl BatchFrame {
         if self.raw_bytes > BATCH_RAW_BYTES_MAX || self.last_seq < self.first_seq {
             return Err(WireError::Oversized { bytes: self.raw_bytes });
         }
-        let raw = decompress_checked(&self.payload, self.raw_bytes, &self.content_hash)?
-            .ok_or(WireError::HashMismatch { first: self.first_seq.0, last: self.last_seq.0 })?;
+        let raw = decompress(&self.payload, self.raw_bytes)?;
+        let mismatch = WireError::HashMismatch { first: self.first_seq.0, last: self.last_seq.0 };
+        if content_hash_of(&raw) != Some(self.content_hash) {
+            return Err(mismatch);
+        }
         let bad = |seq: u64, reason: String| WireError::BadRecord {
             first: self.first_seq.0,
             last: self.last_seq.0,
@@ -347,8 +376,12 @@ impl BatchFrame {
             let (bytes, tail) = rest
                 .split_at_checked(header.total_len as usize)
                 .ok_or_else(|| bad(expected.0, "truncated record".into()))?;
-            let rec =
-                record::decode_verified(bytes, Some(&prev)).map_err(|e| bad(expected.0, e.to_string()))?;
+            let rec = record::decode_verified(bytes, Some(&prev)).map_err(|e| match e {
+                // The batch's hash covers only the checksums: a record whose content does not
+                // match its checksum is content that does not match the hash.
+                DecodeError::ChecksumMismatch => mismatch.clone(),
+                e => bad(expected.0, e.to_string()),
+            })?;
             if rec.seq != expected {
                 return Err(bad(expected.0, format!("has seq {}", rec.seq.0)));
             }
@@ -385,6 +418,58 @@ mod tests {
         let old = postcard::to_stdvec(&Old { payload: payload.clone() }).expect("old");
         let new = postcard::to_stdvec(&New { payload }).expect("new");
         assert_eq!(old, new);
+    }
+
+    /// Three encoded records after genesis, and the chain before them.
+    fn three_records() -> (Vec<u8>, ChainHash) {
+        let genesis = tidemark_journal::genesis_chain(7);
+        let (mut raw, mut one, mut chain) = (Vec::new(), Vec::new(), genesis);
+        for seq in 1..=3u64 {
+            let data: Vec<u8> = (0..4096u32).map(|i| (i as u64 * seq % 251) as u8).collect();
+            let meta = record::RecordMeta {
+                seq: Seq(seq),
+                generation: tidemark_journal::Generation(1),
+                time: UnixNanos(seq),
+                durable: Seq(0),
+            };
+            let body = record::RecordBody::Write { volume: tidemark_journal::VolumeId(0), offset: 0, data };
+            chain = record::encode(meta, &body, &chain, &mut one);
+            raw.extend_from_slice(&one);
+        }
+        (raw, genesis)
+    }
+
+    #[test]
+    fn a_batch_hash_covers_every_byte_of_every_record() {
+        let (raw, genesis) = three_records();
+        let batch = BatchFrame::build(7, 1, Seq(1), Seq(3), &raw, 1).expect("whole records");
+        assert_eq!(batch.open(&genesis).expect("opens").len(), 3);
+        // Any byte of the content changed, in a header, a payload or a checksum, is a hash
+        // mismatch; in a chain trailer, a broken chain. Either way nothing is returned.
+        let record_len = raw.len() / 3;
+        for at in
+            [0, 20, 64, 2000, 64 + 4096, 64 + 4096 + 15, 64 + 4096 + 16, record_len + 100, raw.len() - 1]
+        {
+            let mut damaged = raw.clone();
+            damaged[at] ^= 0x10;
+            let mut frame = batch.clone();
+            frame.payload = zstd::bulk::compress(&damaged, 1).expect("compress");
+            match frame.open(&genesis) {
+                Err(WireError::HashMismatch { first: 1, last: 3 }) => {}
+                Err(WireError::BadRecord { .. }) if at % record_len >= 64 + 4096 + 16 => {}
+                other => panic!("byte {at} changed: {other:?}"),
+            }
+        }
+        // A hash that is not the content's: refused before any record is decoded.
+        let mut wrong = batch.clone();
+        wrong.content_hash[31] ^= 1;
+        assert!(matches!(wrong.open(&genesis), Err(WireError::HashMismatch { .. })));
+        // Content that is not whole records cannot be built, and never opens.
+        assert!(BatchFrame::build(7, 1, Seq(1), Seq(3), &raw[..raw.len() - 1], 1).is_none());
+        let mut cut = batch;
+        cut.payload = zstd::bulk::compress(&raw[..raw.len() - 1], 1).expect("compress");
+        cut.raw_bytes -= 1;
+        assert!(matches!(cut.open(&genesis), Err(WireError::HashMismatch { .. })));
     }
 
     #[test]

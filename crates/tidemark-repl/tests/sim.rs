@@ -14,6 +14,11 @@ use tidemark_repl::{BatchFrame, GroupPosition, Message, Pending, Receiver, Sende
 
 const GROUP: u64 = 0x7e57;
 
+/// A batch of whole records, as the primary's session builds it.
+fn batch(group_id: u64, generation: u64, first: Seq, last: Seq, raw: &[u8], level: i32) -> BatchFrame {
+    BatchFrame::build(group_id, generation, first, last, raw, level).expect("whole records")
+}
+
 /// The primary's journal: encoded records and the chain after each.
 struct Primary {
     records: Vec<(Vec<u8>, ChainHash)>,
@@ -172,7 +177,7 @@ fn run(seed: u64, steps: usize) {
                 raw.extend_from_slice(rec);
                 last = Seq(seq);
             }
-            let mut frame = BatchFrame::build(GROUP, 1, plan.from, last, &raw, 1);
+            let mut frame = batch(GROUP, 1, plan.from, last, &raw, 1);
             primary.sender.on_sent(plan.from, last, raw.len() as u64, now);
             if !healing && rng.random_range(0..100) < 2 {
                 // Corruption in transit (under TLS this means a bug or bad memory): it must be caught.
@@ -325,24 +330,23 @@ fn hostile_frames_are_refused() {
     }
     let raw: Vec<u8> = p.records.iter().flat_map(|r| r.0.clone()).collect();
     // Stale generation (a deposed primary).
-    assert!(r.on_batch(&BatchFrame::build(GROUP, 2, Seq(1), Seq(3), &raw, 1)).is_err());
+    assert!(r.on_batch(&batch(GROUP, 2, Seq(1), Seq(3), &raw, 1)).is_err());
     // Claims more than it holds, or a size over the limit (a decompression bomb).
-    let mut f = BatchFrame::build(GROUP, 3, Seq(1), Seq(4), &raw, 1);
+    let mut f = batch(GROUP, 3, Seq(1), Seq(4), &raw, 1);
     assert!(r.on_batch(&f).is_err());
     f.raw_bytes = u64::MAX;
     assert!(r.on_batch(&f).is_err());
     // Truncated payload.
-    let mut f = BatchFrame::build(GROUP, 3, Seq(1), Seq(3), &raw, 1);
+    let mut f = batch(GROUP, 3, Seq(1), Seq(3), &raw, 1);
     f.payload.truncate(f.payload.len() / 2);
     assert!(r.on_batch(&f).is_err());
     // Wrong group, gap.
-    assert!(r.on_batch(&BatchFrame::build(GROUP + 1, 3, Seq(1), Seq(3), &raw, 1)).is_err());
+    assert!(r.on_batch(&batch(GROUP + 1, 3, Seq(1), Seq(3), &raw, 1)).is_err());
     let tail: Vec<u8> = p.records[1..].iter().flat_map(|r| r.0.clone()).collect();
-    assert!(r.on_batch(&BatchFrame::build(GROUP, 3, Seq(2), Seq(3), &tail, 1)).is_err());
+    assert!(r.on_batch(&batch(GROUP, 3, Seq(2), Seq(3), &tail, 1)).is_err());
     // Garbage message bytes.
     assert!(Message::decode(&[0xff; 40]).is_err());
     // And the genuine batch is still accepted afterwards.
-    let records =
-        r.on_batch(&BatchFrame::build(GROUP, 3, Seq(1), Seq(3), &raw, 1)).expect("ok").expect("new");
+    let records = r.on_batch(&batch(GROUP, 3, Seq(1), Seq(3), &raw, 1)).expect("ok").expect("new");
     assert_eq!(records.len(), 3);
 }

@@ -5,6 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tidemark_engine::{Durability, Engine, EngineConfig, GroupOptions, NullEvents, SystemClock};
+use tidemark_journal::record::{self, RecordBody, RecordMeta};
+use tidemark_journal::{ChainHash, Generation, UnixNanos, VolumeId};
 use tidemark_repl::Message;
 use tidemark_site::replication::session::{
     run_primary, run_secondary, to_wire, Channel, Limiter, PrimaryContext, ReplStats, SessionConfig,
@@ -324,7 +326,11 @@ async fn a_corrupted_batch_from_a_partner_is_refused_with_an_event() {
         }
     }
     assert!(got_position, "the site answers an offer from a trusted partner with its position");
-    let mut batch = BatchFrame::build(id, 1, Seq(1), Seq(1), &[0u8; 200], 1);
+    let (mut raw, body) =
+        (Vec::new(), RecordBody::Write { volume: VolumeId(0), offset: 0, data: vec![7; 4096] });
+    let meta = RecordMeta { seq: Seq(1), generation: Generation(1), time: UnixNanos(1), durable: Seq(0) };
+    record::encode(meta, &body, &ChainHash([0; 32]), &mut raw);
+    let mut batch = BatchFrame::build(id, 1, Seq(1), Seq(1), &raw, 1).expect("a whole record");
     batch.payload[3] ^= 0xff;
     w.send(&Message::Batch(batch).encode()).await.expect("batch");
     let mut refused = false;

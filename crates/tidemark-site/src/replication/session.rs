@@ -15,7 +15,7 @@ use tidemark_engine::group::{Group, Position, Promotion};
 use tidemark_engine::persist::Role;
 use tidemark_engine::{Engine, EngineError, GroupOptions};
 use tidemark_journal::stats::Histogram;
-use tidemark_journal::{Location, Seq};
+use tidemark_journal::{JournalError, Location, Seq};
 use tidemark_repl::roles::{may_take_swap, on_offer, settle_swap, LocalRole, OfferDecision, PendingSwap};
 use tidemark_repl::{
     BatchFrame, GroupPosition, Message, Pending, Receiver, Sender, SenderConfig, SenderState,
@@ -477,7 +477,12 @@ pub async fn run_primary(
                 if raw.bytes.is_empty() {
                     return Ok(None);
                 }
-                let frame = BatchFrame::build(g.id, g.generation(), raw.first, raw.last, &raw.bytes, level);
+                let frame = BatchFrame::build(g.id, g.generation(), raw.first, raw.last, &raw.bytes, level)
+                    .ok_or_else(|| {
+                    let reason =
+                        format!("records {}..={} read for shipping are not whole", raw.first.0, raw.last.0);
+                    JournalError::Invalid(reason)
+                })?;
                 Ok(Some((frame, raw.next, raw.bytes.len() as u64)))
             })
             .await?;
