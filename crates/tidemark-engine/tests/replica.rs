@@ -81,7 +81,7 @@ fn a_record_that_does_not_continue_the_secondary_history_is_refused_unwritten() 
         durable: genuine.seq,
     };
     let mut bytes = Vec::new();
-    let body = RecordBody::Write { volume, offset, data: vec![7; 4096] };
+    let body = RecordBody::Write { volume, offset, data: vec![7; 4096].into() };
     record::encode(meta, &body, &ChainHash([7; 32]), &mut bytes);
     let forged = decode_verified(&bytes, None).expect("a well-formed record");
     let before = s.position();

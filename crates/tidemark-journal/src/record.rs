@@ -10,6 +10,7 @@
 //! Header (64 bytes), payload (`payload_len` bytes), checksum (16 bytes: blake3 of header and
 //! payload, truncated), chain (32 bytes: blake3 of the previous chain and this checksum).
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::{ChainHash, Generation, JournalError, Seq, UnixNanos, VolumeId};
@@ -34,8 +35,9 @@ pub enum RecordBody {
         volume: VolumeId,
         /// Byte offset (block-aligned).
         offset: u64,
-        /// Whole blocks of data.
-        data: Vec<u8>,
+        /// Whole blocks of data (shared: a record decoded from a partner's batch borrows its
+        /// payload from the batch instead of copying it).
+        data: Bytes,
     },
     /// Make `[offset, offset+length)` of `volume` read as zeroes (write-zeroes or trim).
     Zero {
@@ -385,7 +387,16 @@ impl std::ops::Deref for VerifiedRecord {
 
 /// [`decode`], keeping the proof that the record verified.
 pub fn decode_verified(bytes: &[u8], prev_chain: Option<&ChainHash>) -> Result<VerifiedRecord, DecodeError> {
-    decode(bytes, prev_chain).map(VerifiedRecord)
+    decode_from(bytes, prev_chain, Bytes::copy_from_slice).map(VerifiedRecord)
+}
+
+/// [`decode_verified`] of a record held in a shared buffer: a write's data is a slice of
+/// `bytes`, not a copy (a partner's batch is decoded this way, and applied from its buffer).
+pub fn decode_verified_shared(
+    bytes: &Bytes,
+    prev_chain: Option<&ChainHash>,
+) -> Result<VerifiedRecord, DecodeError> {
+    decode_from(bytes, prev_chain, |payload| bytes.slice_ref(payload)).map(VerifiedRecord)
 }
 
 /// Decode and verify consecutive whole records (as a journal reader returns them).
@@ -437,6 +448,15 @@ pub fn verify(bytes: &[u8]) -> Result<RecordHeader, DecodeError> {
 
 /// Decode and verify a whole record. `prev_chain`, when known, is checked against the stored chain.
 pub fn decode(bytes: &[u8], prev_chain: Option<&ChainHash>) -> Result<Record, DecodeError> {
+    decode_from(bytes, prev_chain, Bytes::copy_from_slice)
+}
+
+/// [`decode`], with `data` making a write's data out of its payload (a slice of `bytes`).
+fn decode_from<'a>(
+    bytes: &'a [u8],
+    prev_chain: Option<&ChainHash>,
+    data: impl FnOnce(&'a [u8]) -> Bytes,
+) -> Result<Record, DecodeError> {
     let Checked { header, content, chain, payload } = verified(bytes)?;
     if let Some(prev) = prev_chain {
         if chain_next(prev, &content) != chain {
@@ -448,7 +468,7 @@ pub fn decode(bytes: &[u8], prev_chain: Option<&ChainHash>) -> Result<Record, De
             if header.length != payload.len() as u64 {
                 return Err(DecodeError::Malformed("write length disagrees with payload"));
             }
-            RecordBody::Write { volume: header.volume, offset: header.offset, data: payload.to_vec() }
+            RecordBody::Write { volume: header.volume, offset: header.offset, data: data(payload) }
         }
         KIND_ZERO => RecordBody::Zero {
             volume: header.volume,

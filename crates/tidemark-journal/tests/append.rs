@@ -26,7 +26,8 @@ fn the_writeback_hook_fires_once_per_interval_of_appended_bytes() {
     );
     let mut appended = 0u64;
     for i in 0..100u64 {
-        let body = RecordBody::Write { volume: VolumeId(1), offset: i * 4096, data: vec![i as u8; 4096] };
+        let body =
+            RecordBody::Write { volume: VolumeId(1), offset: i * 4096, data: vec![i as u8; 4096].into() };
         let before = j.stats().appended_bytes_total.load(Ordering::Relaxed);
         j.append(Generation(1), UnixNanos(1000 + i), &body).expect("append");
         appended += j.stats().appended_bytes_total.load(Ordering::Relaxed) - before;

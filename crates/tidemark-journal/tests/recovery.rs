@@ -17,7 +17,7 @@ fn small() -> JournalConfig {
 }
 
 fn write(i: u64) -> RecordBody {
-    RecordBody::Write { volume: VolumeId(1), offset: i * 4096, data: vec![(i % 251) as u8; 4096] }
+    RecordBody::Write { volume: VolumeId(1), offset: i * 4096, data: vec![(i % 251) as u8; 4096].into() }
 }
 
 fn create(storage: &SimStorage) -> Journal {

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use tidemark_journal::record::{decode_all, decode_verified};
+use tidemark_journal::record::{self, decode_all, decode_verified, RecordMeta};
 use tidemark_journal::storage::{SimStorage, Storage};
 use tidemark_journal::{
     genesis_chain, Control, Generation, Journal, JournalConfig, JournalError, Record, RecordBody,
@@ -29,7 +29,7 @@ fn write(i: u64) -> RecordBody {
     RecordBody::Write {
         volume: VolumeId(1),
         offset: i * 4096,
-        data: vec![i as u8; 1024 * (1 + (i as usize % 5))],
+        data: vec![i as u8; 1024 * (1 + (i as usize % 5))].into(),
     }
 }
 
@@ -228,7 +228,7 @@ fn truncate_after_cuts_at_any_seq_across_segments_and_is_idempotent() {
 /// Records of 1 KiB to 5 KiB, with one of 300 KiB every 7 (longer than the reader reads ahead).
 fn mixed(i: u64) -> RecordBody {
     let len = if i % 7 == 3 { 300 << 10 } else { 1024 * (1 + (i as usize % 5)) };
-    RecordBody::Write { volume: VolumeId(1), offset: i * 4096, data: vec![i as u8; len] }
+    RecordBody::Write { volume: VolumeId(1), offset: i * 4096, data: vec![i as u8; len].into() }
 }
 
 #[test]
@@ -316,4 +316,27 @@ fn assert_damage_reported(err: &JournalError, offset: u64) {
         }
         other => panic!("expected a corrupt-record error, got {other:?}"),
     }
+}
+
+/// A record decoded from a shared buffer (a partner's batch) keeps its data in that buffer, and
+/// decodes to the same record as a copying decode; damage is refused either way.
+#[test]
+fn a_record_decoded_from_a_shared_buffer_borrows_its_data() {
+    let meta = RecordMeta { seq: Seq(1), generation: Generation(1), time: UnixNanos(5), durable: Seq(0) };
+    let mut encoded = Vec::new();
+    record::encode(meta, &write(3), &genesis_chain(1), &mut encoded);
+    let shared = bytes::Bytes::from(encoded.clone());
+    let borrowed = record::decode_verified_shared(&shared, Some(&genesis_chain(1))).expect("decodes");
+    let copied = record::decode_verified(&encoded, Some(&genesis_chain(1))).expect("decodes");
+    assert_eq!(borrowed, copied);
+    let RecordBody::Write { data, .. } = &borrowed.body else { panic!("a write") };
+    let inside = shared.as_ptr_range();
+    assert!(inside.contains(&data.as_ptr()), "the data is a slice of the buffer, not a copy");
+    let mut damaged = encoded;
+    damaged[100] ^= 1;
+    let damaged = bytes::Bytes::from(damaged);
+    assert_eq!(
+        record::decode_verified_shared(&damaged, None).map(|_| ()),
+        Err(record::DecodeError::ChecksumMismatch)
+    );
 }

@@ -352,7 +352,7 @@ impl BatchFrame {
         if self.raw_bytes > BATCH_RAW_BYTES_MAX || self.last_seq < self.first_seq {
             return Err(WireError::Oversized { bytes: self.raw_bytes });
         }
-        let raw = decompress(&self.payload, self.raw_bytes)?;
+        let raw = bytes::Bytes::from(decompress(&self.payload, self.raw_bytes)?);
         let mismatch = WireError::HashMismatch { first: self.first_seq.0, last: self.last_seq.0 };
         if content_hash_of(&raw) != Some(self.content_hash) {
             return Err(mismatch);
@@ -364,7 +364,7 @@ impl BatchFrame {
             reason,
         };
         let mut records = Vec::new();
-        let mut rest: &[u8] = &raw;
+        let mut rest = raw.clone();
         let mut prev = *chain;
         let mut expected = self.first_seq;
         while !rest.is_empty() {
@@ -373,10 +373,12 @@ impl BatchFrame {
                 .and_then(|h| h.try_into().ok())
                 .ok_or_else(|| bad(expected.0, "truncated header".into()))?;
             let header = RecordHeader::decode(head).map_err(|e| bad(expected.0, e.into()))?;
-            let (bytes, tail) = rest
-                .split_at_checked(header.total_len as usize)
-                .ok_or_else(|| bad(expected.0, "truncated record".into()))?;
-            let rec = record::decode_verified(bytes, Some(&prev)).map_err(|e| match e {
+            if rest.len() < header.total_len as usize {
+                return Err(bad(expected.0, "truncated record".into()));
+            }
+            // The record's data stays in the batch's buffer: no copy of any payload.
+            let bytes = rest.split_to(header.total_len as usize);
+            let rec = record::decode_verified_shared(&bytes, Some(&prev)).map_err(|e| match e {
                 // The batch's hash covers only the checksums: a record whose content does not
                 // match its checksum is content that does not match the hash.
                 DecodeError::ChecksumMismatch => mismatch.clone(),
@@ -388,7 +390,6 @@ impl BatchFrame {
             prev = rec.chain;
             expected = Seq(expected.0 + 1);
             records.push(rec);
-            rest = tail;
         }
         if expected.0 != self.last_seq.0 + 1 {
             return Err(bad(expected.0, format!("batch ends before its last seq {}", self.last_seq.0)));
@@ -432,7 +433,11 @@ mod tests {
                 time: UnixNanos(seq),
                 durable: Seq(0),
             };
-            let body = record::RecordBody::Write { volume: tidemark_journal::VolumeId(0), offset: 0, data };
+            let body = record::RecordBody::Write {
+                volume: tidemark_journal::VolumeId(0),
+                offset: 0,
+                data: data.into(),
+            };
             chain = record::encode(meta, &body, &chain, &mut one);
             raw.extend_from_slice(&one);
         }

@@ -45,7 +45,7 @@ impl Primary {
         let body = RecordBody::Write {
             volume: VolumeId(1),
             offset: rng.random_range(0..64) * 4096,
-            data: vec![rng.random(); len],
+            data: vec![rng.random(); len].into(),
         };
         let mut out = Vec::new();
         let meta = RecordMeta {

@@ -327,7 +327,7 @@ async fn a_corrupted_batch_from_a_partner_is_refused_with_an_event() {
     }
     assert!(got_position, "the site answers an offer from a trusted partner with its position");
     let (mut raw, body) =
-        (Vec::new(), RecordBody::Write { volume: VolumeId(0), offset: 0, data: vec![7; 4096] });
+        (Vec::new(), RecordBody::Write { volume: VolumeId(0), offset: 0, data: vec![7; 4096].into() });
     let meta = RecordMeta { seq: Seq(1), generation: Generation(1), time: UnixNanos(1), durable: Seq(0) };
     record::encode(meta, &body, &ChainHash([0; 32]), &mut raw);
     let mut batch = BatchFrame::build(id, 1, Seq(1), Seq(1), &raw, 1).expect("a whole record");
