@@ -2,6 +2,8 @@
 //! frame that carries a contiguous run of journal records, zstd-compressed, with a blake3 hash
 //! tree over the uncompressed content checked before anything is applied.
 
+use std::ops::Range;
+
 use serde::{Deserialize, Serialize};
 use tidemark_journal::record::{self, DecodeError, RecordHeader, HEADER_BYTES, TRAILER_BYTES};
 use tidemark_journal::{ChainHash, GenerationStart, Seq, UnixNanos, VerifiedRecord};
@@ -156,16 +158,34 @@ fn decompress(payload: &[u8], raw_bytes: u64) -> Result<Vec<u8>, WireError> {
 /// record's checksum anyway (the sender's journal reader as it reads, the receiver as it
 /// decodes), so a tree costs neither a second pass over the payloads.
 pub fn content_hash_of(raw: &[u8]) -> Option<[u8; 32]> {
-    let mut hasher = blake3::Hasher::new();
-    let mut rest = raw;
-    while !rest.is_empty() {
-        let head: &[u8; HEADER_BYTES] = rest.get(..HEADER_BYTES)?.try_into().ok()?;
-        let total = RecordHeader::decode(head).ok()?.total_len as usize;
-        let (one, tail) = rest.split_at_checked(total)?;
-        hasher.update(one.get(total - TRAILER_BYTES..total - TRAILER_BYTES + 16)?);
-        rest = tail;
+    record_spans(raw).map(|spans| hash_of_spans(raw, &spans))
+}
+
+/// Where each record of `raw` lies, in order; `None` when `raw` is not a run of whole records.
+fn record_spans(raw: &[u8]) -> Option<Vec<Range<usize>>> {
+    let mut spans = Vec::new();
+    let mut at = 0;
+    while at < raw.len() {
+        let head: &[u8; HEADER_BYTES] = raw.get(at..at + HEADER_BYTES)?.try_into().ok()?;
+        let end = at.checked_add(RecordHeader::decode(head).ok()?.total_len as usize)?;
+        if end > raw.len() {
+            return None;
+        }
+        spans.push(at..end);
+        at = end;
     }
-    Some(*hasher.finalize().as_bytes())
+    Some(spans)
+}
+
+/// blake3 over the stored checksum of each record at `spans` of `raw`.
+fn hash_of_spans(raw: &[u8], spans: &[Range<usize>]) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new();
+    for span in spans {
+        // A record is longer than its trailer (RecordHeader::decode checks the total length).
+        let checksum = span.end - TRAILER_BYTES..span.end - TRAILER_BYTES + 16;
+        hasher.update(raw.get(checksum).unwrap_or_default());
+    }
+    *hasher.finalize().as_bytes()
 }
 
 /// A volume as a baseline describes it.
@@ -354,31 +374,21 @@ impl BatchFrame {
         }
         let raw = bytes::Bytes::from(decompress(&self.payload, self.raw_bytes)?);
         let mismatch = WireError::HashMismatch { first: self.first_seq.0, last: self.last_seq.0 };
-        if content_hash_of(&raw) != Some(self.content_hash) {
-            return Err(mismatch);
-        }
+        let spans = record_spans(&raw)
+            .filter(|spans| hash_of_spans(&raw, spans) == self.content_hash)
+            .ok_or_else(|| mismatch.clone())?;
         let bad = |seq: u64, reason: String| WireError::BadRecord {
             first: self.first_seq.0,
             last: self.last_seq.0,
             seq,
             reason,
         };
-        let mut records = Vec::new();
-        let mut rest = raw.clone();
+        let mut records = Vec::with_capacity(spans.len());
         let mut prev = *chain;
         let mut expected = self.first_seq;
-        while !rest.is_empty() {
-            let head: &[u8; HEADER_BYTES] = rest
-                .get(..HEADER_BYTES)
-                .and_then(|h| h.try_into().ok())
-                .ok_or_else(|| bad(expected.0, "truncated header".into()))?;
-            let header = RecordHeader::decode(head).map_err(|e| bad(expected.0, e.into()))?;
-            if rest.len() < header.total_len as usize {
-                return Err(bad(expected.0, "truncated record".into()));
-            }
+        for span in spans {
             // The record's data stays in the batch's buffer: no copy of any payload.
-            let bytes = rest.split_to(header.total_len as usize);
-            let rec = record::decode_verified_shared(&bytes, Some(&prev)).map_err(|e| match e {
+            let rec = record::decode_verified_shared(&raw.slice(span), Some(&prev)).map_err(|e| match e {
                 // The batch's hash covers only the checksums: a record whose content does not
                 // match its checksum is content that does not match the hash.
                 DecodeError::ChecksumMismatch => mismatch.clone(),
