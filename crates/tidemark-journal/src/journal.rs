@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::recent::Recent;
 use crate::record::{
     self, DecodeError, RecordBody, RecordHeader, RecordMeta, VerifiedRecord, HEADER_BYTES, TRAILER_BYTES,
 };
@@ -149,6 +150,8 @@ pub struct Journal {
     /// Called (under the owner's lock, so it must not block) each time another `every` bytes
     /// have been appended: the owner's cue to sync in the background.
     writeback: Option<WritebackHook>,
+    /// The newest records, for readers that ship them (see [`crate::recent`]).
+    recent: Arc<Recent>,
 }
 
 /// See [`Journal::set_writeback`].
@@ -198,6 +201,7 @@ impl Journal {
             sealed_unsynced: Vec::new(),
             stats: Arc::default(),
             writeback: None,
+            recent: Arc::default(),
         };
         journal.start_segment(0)?;
         Ok(journal)
@@ -367,6 +371,7 @@ impl Journal {
             sealed_unsynced: Vec::new(),
             stats: Arc::default(),
             writeback: None,
+            recent: Arc::default(),
         };
         Ok((journal, report))
     }
@@ -550,6 +555,7 @@ impl Journal {
             ));
         }
         segment.len += buf.len() as u64;
+        self.recent.push(seq, location, &buf);
         self.stats.record_append(buf.len() as u64);
         self.cue_writeback(buf.len() as u64);
         self.encode_buf = buf;
@@ -709,6 +715,7 @@ impl Journal {
         JournalReader {
             segments: self.segments.iter().map(|(&i, s)| (i, s.file.clone(), s.len)).collect(),
             storage: self.storage.clone(),
+            recent: self.recent.clone(),
         }
     }
 
@@ -836,18 +843,40 @@ pub struct RawRecords {
     pub next: Location,
 }
 
-/// Segment files captured under the group lock, read without it. Records appended later are
-/// not seen; segments removed later stay readable (their files are open).
+/// Segment files captured under the group lock, read without it, and the journal's newest
+/// records in memory. Records appended later are not seen in the files (they may be in memory);
+/// segments removed later stay readable (their files are open).
 pub struct JournalReader {
     segments: Vec<(u64, Arc<dyn StorageFile>, u64)>,
     storage: Arc<dyn Storage>,
+    recent: Arc<Recent>,
 }
 
 impl JournalReader {
     /// Read whole records from `from` (which holds seq `first`) up to seq `upto`, stopping
-    /// before `bytes_max` is passed (one record is always read). Each record's checksum is
-    /// verified, so a damaged record is never shipped.
+    /// before `bytes_max` is passed (one record is always read). Records still held in memory
+    /// are taken from there, as written (see [`crate::recent`]); each record read from a file
+    /// is verified first, so a damaged record is never shipped. Reading starts the journal
+    /// keeping its newest records in memory.
     pub fn read(
+        &self,
+        from: Location,
+        first: Seq,
+        upto: Seq,
+        bytes_max: u64,
+    ) -> Result<RawRecords, JournalError> {
+        if let Some(served) = self.recent.read(first, upto, bytes_max) {
+            if served.last < first {
+                return Ok(RawRecords { bytes: Vec::new(), first, last: served.last, next: from });
+            }
+            return Ok(RawRecords { bytes: served.bytes, first, last: served.last, next: served.next });
+        }
+        self.read_files(from, first, upto, bytes_max)
+    }
+
+    /// [`JournalReader::read`] from the segment files only, never from memory: what a check
+    /// compares the records in memory with.
+    pub fn read_files(
         &self,
         from: Location,
         first: Seq,

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub mod journal;
+pub mod recent;
 pub mod record;
 pub mod stats;
 pub mod storage;

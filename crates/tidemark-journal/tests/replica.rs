@@ -340,3 +340,83 @@ fn a_record_decoded_from_a_shared_buffer_borrows_its_data() {
         Err(record::DecodeError::ChecksumMismatch)
     );
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+    /// Records a reader serves from memory are exactly what the segment files hold, for any
+    /// start, end and size of batch, across segment boundaries, and the batch continues where
+    /// it says.
+    #[test]
+    fn records_served_from_memory_are_the_records_in_the_files(
+        before in 0u64..30,
+        after in 1u64..60,
+        reads in proptest::collection::vec((0u64..100, 0u64..100, 1u64..40_000), 1..20),
+    ) {
+        let mut a = journal();
+        let mut time = 100;
+        let mut append = |a: &mut Journal, n: u64| {
+            for _ in 0..n {
+                time += 1;
+                a.append(Generation(1), UnixNanos(time), &write(time)).expect("append");
+            }
+        };
+        append(&mut a, before);
+        // The first read starts keeping records in memory; the records appended after it are
+        // served from there.
+        let start = a.next_seq();
+        let reader = a.reader();
+        let _ = reader.read(a.locate(Seq(1)).unwrap_or_default(), Seq(1), a.last_seq(), 1);
+        append(&mut a, after);
+        let last = a.last_seq();
+        let reader = a.reader();
+        for (from, span, bytes_max) in reads {
+            let first = Seq(start.0 + from % after);
+            let upto = Seq((first.0 + span).min(last.0 + 3));
+            let at = a.locate(first).expect("locate");
+            let served = reader.read(at, first, upto, bytes_max).expect("from memory");
+            let read = reader.read_files(at, first, upto, bytes_max).expect("from the files");
+            proptest::prop_assert_eq!(&served.bytes, &read.bytes);
+            proptest::prop_assert_eq!((served.first, served.last), (read.first, read.last));
+            if served.last < last {
+                // Where the next record starts, or the end of the segment before it.
+                let next = a.locate(Seq(served.last.0 + 1)).expect("locate");
+                proptest::prop_assert!(
+                    served.next == next || (served.next.segment + 1 == next.segment),
+                    "next {:?}, the record is at {:?}", served.next, next
+                );
+                let on = reader.read(served.next, Seq(served.last.0 + 1), last, u64::MAX).expect("read on");
+                proptest::prop_assert_eq!(on.first, Seq(served.last.0 + 1));
+                proptest::prop_assert!(!on.bytes.is_empty());
+            }
+        }
+    }
+}
+
+/// Once a reader has asked, newly appended records are served from memory, as written: damage
+/// to the file after the write does not reach a partner (reading the files still reports it).
+#[test]
+fn records_appended_after_a_read_are_served_as_written() {
+    let storage: Arc<dyn Storage> = Arc::new(SimStorage::new());
+    let config = JournalConfig { segment_bytes_max: 1 << 20 };
+    let mut a =
+        Journal::create(storage.clone(), GROUP, config, Seq(1), genesis_chain(GROUP)).expect("create");
+    a.append(Generation(1), UnixNanos(100), &write(0)).expect("append");
+    let first = a.reader().read(a.locate(Seq(1)).expect("locate"), Seq(1), Seq(1), u64::MAX).expect("read");
+    for i in 1..10 {
+        a.append(Generation(1), UnixNanos(100 + i), &write(i)).expect("append");
+    }
+    let damaged = a.locate(Seq(6)).expect("locate");
+    let file = storage.open(&tidemark_journal::journal::segment_name(damaged.segment)).expect("open");
+    file.write_all_at(&[0xEE], damaged.offset + 100).expect("damage");
+    let reader = a.reader();
+    let raw = reader.read(first.next, Seq(2), a.last_seq(), u64::MAX).expect("served from memory");
+    assert_eq!((raw.first, raw.last), (Seq(2), Seq(10)));
+    let records = decode_all(&raw.bytes).expect("as written");
+    assert_eq!(records.len(), 9);
+    for (i, record) in (1..).zip(&records) {
+        assert_eq!(record.body, write(i));
+    }
+    let err = reader.read_files(first.next, Seq(2), a.last_seq(), u64::MAX).expect_err("damage");
+    assert_damage_reported(&err, damaged.offset);
+}
