@@ -15,6 +15,6 @@ pub use lineage::fork_point;
 pub use receiver::{Receiver, ReceiverError};
 pub use sender::{BatchPlan, Pending, Sender, SenderConfig, SenderError, SenderState};
 pub use wire::{
-    BaselineChunk, BaselineHeader, BaselineVolume, BatchFrame, GroupPosition, Message, WireError,
-    PROTOCOL_VERSION,
+    BaselineChunk, BaselineHeader, BaselineVolume, BatchCompressor, BatchFrame, GroupPosition, Message,
+    WireError, PROTOCOL_VERSION,
 };

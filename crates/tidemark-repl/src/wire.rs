@@ -273,6 +273,19 @@ impl BaselineChunk {
     }
 }
 
+/// The zstd context a sender compresses its batches with, kept from batch to batch: a new one
+/// allocates and clears its tables every time.
+pub struct BatchCompressor(zstd::bulk::Compressor<'static>);
+
+impl BatchCompressor {
+    /// A compressor at zstd `level` (levels past zstd's range are clamped to it).
+    pub fn new(level: i32) -> BatchCompressor {
+        let range = zstd::compression_level_range();
+        let level = level.clamp(*range.start(), *range.end());
+        BatchCompressor(zstd::bulk::Compressor::new(level).expect("a level in zstd's range"))
+    }
+}
+
 /// A contiguous run of records, as sent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchFrame {
@@ -351,9 +364,28 @@ impl BatchFrame {
         raw: &[u8],
         level: i32,
     ) -> Option<BatchFrame> {
+        BatchFrame::build_with(
+            &mut BatchCompressor::new(level),
+            group_id,
+            generation,
+            first_seq,
+            last_seq,
+            raw,
+        )
+    }
+
+    /// [`BatchFrame::build`] with a compressor kept from batch to batch.
+    pub fn build_with(
+        compressor: &mut BatchCompressor,
+        group_id: u64,
+        generation: u64,
+        first_seq: Seq,
+        last_seq: Seq,
+        raw: &[u8],
+    ) -> Option<BatchFrame> {
         assert!(raw.len() as u64 <= BATCH_RAW_BYTES_MAX, "batch over BATCH_RAW_BYTES_MAX");
         let content_hash = content_hash_of(raw)?;
-        let payload = zstd::bulk::compress(raw, level).expect("zstd compresses any input");
+        let payload = compressor.0.compress(raw).expect("zstd compresses any input");
         Some(BatchFrame {
             group_id,
             generation,

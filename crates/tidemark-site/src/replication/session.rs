@@ -18,7 +18,7 @@ use tidemark_journal::stats::Histogram;
 use tidemark_journal::{JournalError, Location, Seq};
 use tidemark_repl::roles::{may_take_swap, on_offer, settle_swap, LocalRole, OfferDecision, PendingSwap};
 use tidemark_repl::{
-    BatchFrame, GroupPosition, Message, Pending, Receiver, Sender, SenderConfig, SenderState,
+    BatchCompressor, BatchFrame, GroupPosition, Message, Pending, Receiver, Sender, SenderConfig, SenderState,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -446,6 +446,8 @@ pub async fn run_primary(
     let mut flights: VecDeque<(Seq, Location)> = VecDeque::new();
     let mut last_flush = Instant::now();
     let mut swap: Option<Swap> = None;
+    // Kept from batch to batch; lent to the blocking task that builds each.
+    let mut compressor: Option<BatchCompressor> = None;
     loop {
         // Make records durable when hosts do not: only durable records are shipped.
         let (last, durable) = {
@@ -471,21 +473,14 @@ pub async fn run_primary(
                 }
             };
             let (g, first, max) = (group.clone(), plan.from, plan.bytes_max);
-            let level = config.zstd_level;
-            let built = blocking(move || -> Result<_, EngineError> {
-                let raw = g.read_for_shipping(from, first, max)?;
-                if raw.bytes.is_empty() {
-                    return Ok(None);
-                }
-                let frame = BatchFrame::build(g.id, g.generation(), raw.first, raw.last, &raw.bytes, level)
-                    .ok_or_else(|| {
-                    let reason =
-                        format!("records {}..={} read for shipping are not whole", raw.first.0, raw.last.0);
-                    JournalError::Invalid(reason)
-                })?;
-                Ok(Some((frame, raw.next, raw.bytes.len() as u64)))
+            let mut zstd = compressor.take().unwrap_or_else(|| BatchCompressor::new(config.zstd_level));
+            let (built, zstd) = blocking(move || {
+                let built = build_batch(&g, &mut zstd, from, first, max);
+                Ok::<_, EngineError>((built, zstd))
             })
             .await?;
+            compressor = Some(zstd);
+            let built = built?;
             let Some((frame, next, raw_bytes)) = built else { break };
             let (first, last) = (frame.first_seq, frame.last_seq);
             let compressed = frame.payload.len() as u64;
@@ -583,6 +578,30 @@ pub async fn run_primary(
             }
         }
     }
+}
+
+/// The batch of durable records from `from` (where seq `first` starts), at most `bytes_max`
+/// bytes, with where the record after it starts and its uncompressed size; `None` when no
+/// record is ready.
+fn build_batch(
+    group: &Group,
+    compressor: &mut BatchCompressor,
+    from: Location,
+    first: Seq,
+    bytes_max: u64,
+) -> Result<Option<(BatchFrame, Location, u64)>, EngineError> {
+    let raw = group.read_for_shipping(from, first, bytes_max)?;
+    if raw.bytes.is_empty() {
+        return Ok(None);
+    }
+    let frame =
+        BatchFrame::build_with(compressor, group.id, group.generation(), raw.first, raw.last, &raw.bytes)
+            .ok_or_else(|| {
+                let reason =
+                    format!("records {}..={} read for shipping are not whole", raw.first.0, raw.last.0);
+                JournalError::Invalid(reason)
+            })?;
+    Ok(Some((frame, raw.next, raw.bytes.len() as u64)))
 }
 
 /// Start a swap: stop host writes (durably) and note how far the partner must catch up.
