@@ -287,10 +287,7 @@ fn a_damaged_record_is_reported_with_its_place_and_never_read_for_shipping() {
     for i in 0..10 {
         a.append(Generation(1), UnixNanos(100 + i), &write(i)).expect("append");
     }
-    let damaged = a.locate(Seq(6)).expect("locate");
-    let file = storage.open(&tidemark_journal::journal::segment_name(damaged.segment)).expect("open");
-    // One payload byte of record 6.
-    file.write_all_at(&[0xEE], damaged.offset + 100).expect("damage");
+    let damaged = damage_payload(&storage, &a, Seq(6));
     let reader = a.reader();
     // Records before the damage are read; the batch ends before it, and the next read reports it.
     let raw = reader.read(a.locate(Seq(1)).expect("locate"), Seq(1), a.last_seq(), 5 * 2048 + 1000);
@@ -305,6 +302,14 @@ fn a_damaged_record_is_reported_with_its_place_and_never_read_for_shipping() {
     let err =
         reader.read(a.locate(Seq(1)).expect("locate"), Seq(1), a.last_seq(), u64::MAX).expect_err("damage");
     assert_damage_reported(&err, damaged.offset);
+}
+
+/// Change one payload byte of record `seq` in its segment file; where the record starts.
+fn damage_payload(storage: &Arc<dyn Storage>, journal: &Journal, seq: Seq) -> tidemark_journal::Location {
+    let at = journal.locate(seq).expect("locate");
+    let file = storage.open(&tidemark_journal::journal::segment_name(at.segment)).expect("open");
+    file.write_all_at(&[0xEE], at.offset + 100).expect("damage");
+    at
 }
 
 fn assert_damage_reported(err: &JournalError, offset: u64) {
@@ -406,9 +411,7 @@ fn records_appended_after_a_read_are_served_as_written() {
     for i in 1..10 {
         a.append(Generation(1), UnixNanos(100 + i), &write(i)).expect("append");
     }
-    let damaged = a.locate(Seq(6)).expect("locate");
-    let file = storage.open(&tidemark_journal::journal::segment_name(damaged.segment)).expect("open");
-    file.write_all_at(&[0xEE], damaged.offset + 100).expect("damage");
+    let damaged = damage_payload(&storage, &a, Seq(6));
     let reader = a.reader();
     let raw = reader.read(first.next, Seq(2), a.last_seq(), u64::MAX).expect("served from memory");
     assert_eq!((raw.first, raw.last), (Seq(2), Seq(10)));
