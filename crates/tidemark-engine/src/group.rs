@@ -768,6 +768,43 @@ impl Group {
         self.append_aligned(&mut st, &meta, start, &buf)
     }
 
+    /// [`Group::write`], but only when it cannot wait: `None`, having done nothing, when the
+    /// group lock is taken, host writes are throttled, the write is not whole blocks of one
+    /// record, or it would start a new journal segment (which syncs). What is left waits only on
+    /// the page cache, so the caller may run it where blocking is costly (the NBD server's
+    /// async task) and hand every `None` to a thread that may wait.
+    pub fn try_write(
+        &self,
+        volume: VolumeId,
+        block_size_bytes: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Option<Result<Seq>> {
+        let bs = block_size_bytes.max(1) as usize;
+        let whole = offset.is_multiple_of(bs as u64) && data.len().is_multiple_of(bs);
+        if !self.write_delay().is_zero() || !whole || data.is_empty() || data.len() > record_chunk_bytes(bs) {
+            return None;
+        }
+        if let Err(e) = self.check_healthy() {
+            return Some(Err(e));
+        }
+        let prepared = prepare(data, bs);
+        let mut st = self.state.try_lock()?;
+        if !st.journal.write_fits_tail(data.len() as u64) {
+            return None;
+        }
+        let checked = st
+            .check_primary(&self.name)
+            .and_then(|()| Ok(st.volume(volume, &self.name)?.meta.clone()))
+            .and_then(|meta| check_range(&meta, offset, data.len() as u64).map(|()| meta));
+        let meta = match checked {
+            Ok(meta) if meta.block_size_bytes as usize == bs => meta,
+            Ok(_) => return None,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(self.append_prepared(&mut st, &meta, offset, data, &prepared))
+    }
+
     fn append_aligned(
         &self,
         st: &mut GroupState,

@@ -1041,6 +1041,15 @@ impl ExportHandle {
         Ok(())
     }
 
+    /// [`VolumeHandle::write`] without FUA, only when it cannot wait ([`Group::try_write`]);
+    /// `None`, having done nothing, otherwise (and always for an image).
+    pub fn try_write(&self, offset: u64, data: &[u8]) -> Option<Result<()>> {
+        if self.image.is_some() {
+            return None;
+        }
+        self.group.try_write(self.volume, self.block_size_bytes, offset, data).map(|r| r.map(|_| ()))
+    }
+
     /// Zero `[offset, offset+length)`.
     pub fn write_zeroes(&self, offset: u64, length: u64, durability: Durability, punch: Punch) -> Result<()> {
         if let Some(image) = self.writable_image()? {

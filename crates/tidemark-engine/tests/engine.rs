@@ -256,3 +256,42 @@ fn a_pinned_history_is_never_trimmed_past_the_pin() {
     engine.maintain();
     assert!(engine.group("g").expect("group").oldest_seq > 3, "released: trimming proceeds");
 }
+
+/// `try_write` writes only what cannot wait; the rest (here: an unaligned write and the writes
+/// that would start a journal segment) it leaves, untouched, to `write`. Errors are errors.
+#[test]
+fn a_write_that_could_wait_is_left_to_the_caller() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = open(dir.path(), Arc::new(MemoryEvents::default()));
+    // A 16 MiB journal has 2 MiB segments.
+    engine
+        .create_group("g", GroupOptions { retention_seconds: 86400, journal_max_bytes: 16 << 20 })
+        .expect("group");
+    engine.create_volume("g", "v", 64 << 20, 4096).expect("volume");
+    let export = engine.open_export("v").expect("export");
+    let group = engine.group_handle("g").expect("group");
+    let before = group.position().last_seq;
+    assert!(export.try_write(100, &[1; 10]).is_none());
+    assert_eq!(group.position().last_seq, before, "a write left to the caller wrote nothing");
+    let (mut inline, mut left) = (0, 0);
+    for i in 0..1024u64 {
+        let data = pattern(i as u8, 4096);
+        match export.try_write(i * 4096, &data) {
+            Some(written) => {
+                written.expect("write at once");
+                inline += 1;
+            }
+            None => {
+                export.write(i * 4096, &data, Durability::Buffered).expect("write");
+                left += 1;
+            }
+        }
+    }
+    assert!(left >= 1 && inline >= 1000, "{inline} written at once, {left} left");
+    let mut buf = vec![0; 4096];
+    for i in 0..1024u64 {
+        export.read(i * 4096, &mut buf).expect("read");
+        assert_eq!(buf, pattern(i as u8, 4096), "block {i}");
+    }
+    assert!(matches!(export.try_write(64 << 20, &[0; 4096]), Some(Err(EngineError::InvalidArgument(_)))));
+}

@@ -565,6 +565,13 @@ impl Journal {
         Ok(Appended { seq, location, chain })
     }
 
+    /// Whether a write record of `data_bytes` of data would go into the tail segment as it
+    /// stands: an append that starts no new segment, so waits for no fdatasync.
+    pub fn write_fits_tail(&self, data_bytes: u64) -> bool {
+        let (_, len) = self.tail_segment();
+        len + (HEADER_BYTES + TRAILER_BYTES) as u64 + data_bytes <= self.config.segment_bytes_max
+    }
+
     /// Call `hook` each time another `every` bytes have been appended (it runs inside
     /// [`Journal::append`], so it must only signal, never block or sync).
     pub fn set_writeback(&mut self, every: u64, hook: Box<dyn Fn() + Send + Sync>) {

@@ -1,7 +1,8 @@
 //! The interface between the NBD server and whatever stores the bytes.
 //!
 //! The server knows nothing about journals or groups: it asks an [`ExportProvider`] for exports
-//! by name and calls the blocking methods of [`Export`] from `tokio::task::spawn_blocking`.
+//! by name and calls the blocking methods of [`Export`] from `tokio::task::spawn_blocking`; only
+//! [`Export::try_write`], which must never wait, is called on the connection's async task.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -119,6 +120,14 @@ pub trait Export: Send + Sync + 'static {
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExportError>;
     /// Write `data` at `offset`; with `fua`, return only once it is durable.
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ExportError>;
+    /// [`Export::write`] without FUA, but only if it can be done without waiting (for a lock,
+    /// a sync, a throttle: anything but copying into memory); `None`, having done nothing,
+    /// otherwise. The server calls it on its async task and hands a `None` to the blocking pool
+    /// as `write`. The default never tries.
+    fn try_write(&self, offset: u64, data: &[u8]) -> Option<Result<(), ExportError>> {
+        let _ = (offset, data);
+        None
+    }
     /// Make `[offset, offset+length)` read as zeroes. `may_punch` is false with NBD_CMD_FLAG_NO_HOLE.
     fn write_zeroes(&self, offset: u64, length: u64, fua: bool, may_punch: bool) -> Result<(), ExportError>;
     /// Discard `[offset, offset+length)`; afterwards it reads as zeroes.

@@ -2,7 +2,8 @@
 //!
 //! [`NbdServer`] speaks the protocol in `shared/reference/nbd-protocol.md` to hosts and turns
 //! their requests into calls on an [`Export`] found through an [`ExportProvider`]. It knows
-//! nothing about journals: storage calls run on `tokio::task::spawn_blocking`.
+//! nothing about journals: storage calls run on `tokio::task::spawn_blocking`, except a write
+//! the export can do without waiting ([`Export::try_write`]), done on the connection's task.
 //!
 //! What is served:
 //!

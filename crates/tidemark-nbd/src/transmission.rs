@@ -384,27 +384,30 @@ where
                 return Ok(());
             }
         }
+        // A write that cannot wait is done here: handing it to a blocking thread and the reply
+        // back costs more than the write (two context switches).
+        if let Some((bytes, outcome)) =
+            try_inline(&connection, request.kind, request.cookie, command, &payload)
+        {
+            connection.record(request.kind, &outcome, started);
+            connection.buffers.give(payload);
+            let reply = Reply { bytes, _slot: slot, _payload: payload_permit };
+            if replies.send(reply).await.is_err() {
+                return Ok(());
+            }
+            continue;
+        }
         let connection = Arc::clone(&connection);
         let replies = replies.clone();
         // Detached: the reply reaches the writer through the channel, and a panic in storage
         // is caught inside, so the handle has nothing to report.
         drop(tokio::task::spawn_blocking(move || {
-            let (bytes, outcome) =
-                catch_unwind(AssertUnwindSafe(|| execute(&connection, request.cookie, command, &payload)))
-                    .unwrap_or_else(|_| {
-                        tracing::error!(
-                            kind = request.kind,
-                            "export panicked; answering the request with NBD_EIO"
-                        );
-                        let error = WireError::Io;
-                        let bytes = error_reply(
-                            connection.rules.structured,
-                            request.cookie,
-                            error,
-                            "internal server error",
-                        );
-                        (bytes, Err(error))
-                    });
+            let (bytes, outcome) = unwinding(
+                &connection,
+                (request.kind, request.cookie),
+                || execute(&connection, request.cookie, command, &payload),
+                |reply| reply,
+            );
             connection.record(request.kind, &outcome, started);
             if payload.capacity() > 0 {
                 connection.buffers.give(payload);
@@ -414,6 +417,45 @@ where
             let _ = replies.blocking_send(reply);
         }));
     }
+}
+
+/// A write without FUA done at once if the export can do it without waiting
+/// ([`Export::try_write`]), with its reply; `None` for anything else.
+fn try_inline(
+    connection: &Connection,
+    kind: u16,
+    cookie: u64,
+    command: Command,
+    payload: &[u8],
+) -> Option<(Vec<u8>, Outcome)> {
+    let Command::Write { offset, fua: false, .. } = command else { return None };
+    if payload.is_empty() {
+        return None;
+    }
+    let attempt = || {
+        Some(match connection.export.try_write(offset, payload)? {
+            Ok(()) => (success_reply(cookie), Ok(payload.len() as u64)),
+            Err(error) => connection.failure(cookie, &error, true),
+        })
+    };
+    unwinding(connection, (kind, cookie), attempt, Some)
+}
+
+/// Run `f` on the export; if the export panics, `panicked` of an NBD_EIO reply instead.
+fn unwinding<T>(
+    connection: &Connection,
+    (kind, cookie): (u16, u64),
+    f: impl FnOnce() -> T,
+    panicked: impl FnOnce((Vec<u8>, Outcome)) -> T,
+) -> T {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        tracing::error!(kind, "export panicked; answering the request with NBD_EIO");
+        let error = WireError::Io;
+        panicked((
+            error_reply(connection.rules.structured, cookie, error, "internal server error"),
+            Err(error),
+        ))
+    })
 }
 
 /// Run one command on storage (on the blocking pool) and encode its reply.

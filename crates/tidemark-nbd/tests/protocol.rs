@@ -278,6 +278,48 @@ async fn simple_replies_work_and_a_failed_read_sends_no_payload() {
     server.stop().await.unwrap();
 }
 
+/// Writes the export can do without waiting are done on the connection's task, the rest on the
+/// blocking pool; either way the data lands, failures and panics are answered with an error,
+/// and the connection goes on.
+#[tokio::test]
+async fn writes_done_at_once_and_on_the_pool_both_land() {
+    let server = TestServer::standard().await;
+    let (mut client, _) = Client::negotiate(server.addr, "disk").await;
+    for block in 0..8u64 {
+        let reply = client.write(block * 4096, &pattern(4096, block as u8), 0).await;
+        assert_eq!(reply.error, 0);
+    }
+    for block in 0..8u64 {
+        assert_eq!(client.read(block * 4096, 4096).await.data(), pattern(4096, block as u8));
+    }
+    let export = server.provider.export("disk");
+    assert_eq!(export.inline_writes.load(Ordering::SeqCst), 4, "the even blocks were written at once");
+    // A write with FUA waits for durability: never done at once.
+    assert_eq!(client.write(0, &pattern(4096, 9), CMD_FLAG_FUA).await.error, 0);
+    assert_eq!(export.inline_writes.load(Ordering::SeqCst), 4);
+    assert_eq!(export.fua_calls.load(Ordering::SeqCst), 1);
+
+    export.fail_next.lock().unwrap().replace(ExportError::Io("disk on fire".into()));
+    assert_eq!(client.write(2 * 4096, &pattern(4096, 7), 0).await.error, NBD_EIO);
+    assert_eq!(
+        client.read(2 * 4096, 4096).await.data(),
+        pattern(4096, 2),
+        "the failed write changed nothing"
+    );
+    client.disconnect().await;
+    server.stop().await.unwrap();
+
+    let provider =
+        MemProvider::default().with(MemExport::new("disk", DISK_BYTES, false).with_panic_at(4 * 4096));
+    let server = TestServer::start(provider, ServerConfig::default()).await;
+    let (mut client, _) = Client::negotiate(server.addr, "disk").await;
+    assert_eq!(client.write(4 * 4096, &pattern(4096, 1), 0).await.error, NBD_EIO);
+    assert_eq!(client.write(6 * 4096, &pattern(4096, 1), 0).await.error, 0);
+    assert_eq!(client.read(6 * 4096, 4096).await.data(), pattern(4096, 1));
+    client.disconnect().await;
+    server.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn zero_length_requests_succeed_without_touching_storage() {
     let server = TestServer::standard().await;

@@ -67,6 +67,11 @@ impl Export for EngineExport {
         self.handle.write(offset, data, durability(fua)).map_err(|e| self.error(offset, data.len() as u64, e))
     }
 
+    fn try_write(&self, offset: u64, data: &[u8]) -> Option<Result<(), ExportError>> {
+        let written = self.handle.try_write(offset, data)?;
+        Some(written.map_err(|e| self.error(offset, data.len() as u64, e)))
+    }
+
     fn write_zeroes(&self, offset: u64, length: u64, fua: bool, may_punch: bool) -> Result<(), ExportError> {
         let punch = if may_punch { Punch::Allowed } else { Punch::Forbidden };
         self.handle

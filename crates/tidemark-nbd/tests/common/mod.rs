@@ -178,6 +178,9 @@ pub struct MemExport {
     pub panic_offset: Option<u64>,
     /// Returned (once) by the next storage call instead of doing it.
     pub fail_next: Mutex<Option<ExportError>>,
+    /// Writes done by `try_write` (it writes blocks with an even index, and leaves the rest to
+    /// `write`, as a store that cannot always write without waiting).
+    pub inline_writes: AtomicU64,
 }
 
 struct MemState {
@@ -207,6 +210,7 @@ impl MemExport {
             gate: Arc::new(Gate::default()),
             panic_offset: None,
             fail_next: Mutex::new(None),
+            inline_writes: AtomicU64::new(0),
         }
     }
 
@@ -291,6 +295,20 @@ impl Export for MemExport {
             state.allocated[block as usize] = true;
         }
         Ok(())
+    }
+
+    fn try_write(&self, offset: u64, data: &[u8]) -> Option<Result<(), ExportError>> {
+        if (offset / MEM_BLOCK_BYTES) % 2 == 1 {
+            return None;
+        }
+        if Some(offset) == self.panic_offset {
+            panic!("simulated storage bug at offset {offset}");
+        }
+        let written = self.write(offset, data, false);
+        if written.is_ok() {
+            self.inline_writes.fetch_add(1, Ordering::SeqCst);
+        }
+        Some(written)
     }
 
     fn write_zeroes(&self, offset: u64, length: u64, fua: bool, may_punch: bool) -> Result<(), ExportError> {
