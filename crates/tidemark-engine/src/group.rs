@@ -746,8 +746,7 @@ impl Group {
         let aligned = offset.is_multiple_of(hint) && (data.len() as u64).is_multiple_of(hint);
         let prepared = aligned.then(|| prepare(data, hint as usize));
         let mut st = self.state.lock();
-        let meta = st.volume(volume, &self.name)?.meta.clone();
-        check_range(&meta, offset, data.len() as u64)?;
+        let meta = st.write_target(volume, offset, data.len() as u64, &self.name)?;
         let bs = u64::from(meta.block_size_bytes);
         if let Some(prepared) = prepared.filter(|_| bs == hint) {
             return self.append_prepared(&mut st, &meta, offset, data, &prepared);
@@ -793,11 +792,8 @@ impl Group {
         if !st.journal.write_fits_tail(data.len() as u64) {
             return None;
         }
-        let checked = st
-            .check_primary(&self.name)
-            .and_then(|()| Ok(st.volume(volume, &self.name)?.meta.clone()))
-            .and_then(|meta| check_range(&meta, offset, data.len() as u64).map(|()| meta));
-        let meta = match checked {
+        // `append_prepared` checks the role.
+        let meta = match st.write_target(volume, offset, data.len() as u64, &self.name) {
             Ok(meta) if meta.block_size_bytes as usize == bs => meta,
             Ok(_) => return None,
             Err(e) => return Some(Err(e)),
@@ -1609,6 +1605,13 @@ impl Tables {
             records_since_checkpoint: 0,
             storage,
         }
+    }
+
+    /// The description of volume `id`, checking that `[offset, +length)` lies inside it.
+    fn write_target(&self, id: VolumeId, offset: u64, length: u64, group: &str) -> Result<VolumeMeta> {
+        let meta = self.volume(id, group)?.meta.clone();
+        check_range(&meta, offset, length)?;
+        Ok(meta)
     }
 
     fn volume(&self, id: VolumeId, group: &str) -> Result<&VolumeState> {

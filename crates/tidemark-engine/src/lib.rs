@@ -1041,7 +1041,7 @@ impl ExportHandle {
         Ok(())
     }
 
-    /// [`VolumeHandle::write`] without FUA, only when it cannot wait ([`Group::try_write`]);
+    /// [`ExportHandle::write`] without FUA, only when it cannot wait ([`Group::try_write`]);
     /// `None`, having done nothing, otherwise (and always for an image).
     pub fn try_write(&self, offset: u64, data: &[u8]) -> Option<Result<()>> {
         if self.image.is_some() {

@@ -4,7 +4,8 @@
 //! files costs a copy out of the page cache and a second blake3 over every payload (a record read
 //! from a file is verified before it is shipped); the same bytes are still in memory, encoded and
 //! checksummed by the append that wrote them. So a journal keeps its newest records here, at
-//! most [`RECENT_BYTES`] (and one spare run's buffer), and its reader serves a batch from them when they hold its first seq.
+//! most [`RECENT_BYTES`] (and one spare run's buffer), and its reader serves a batch from them
+//! when they hold its first seq.
 //!
 //! Only records whose write to the segment succeeded enter, so what is served is exactly what
 //! the file holds, as written. Nothing is kept until a reader asks (a group that is not

@@ -15,14 +15,13 @@ const GROUP: u64 = 11;
 
 fn journal() -> Journal {
     let storage: Arc<dyn Storage> = Arc::new(SimStorage::new());
-    Journal::create(
-        storage,
-        GROUP,
-        JournalConfig { segment_bytes_max: 16 << 10 },
-        Seq(1),
-        genesis_chain(GROUP),
-    )
-    .expect("create")
+    journal_on(&storage, 16 << 10)
+}
+
+/// A new journal in `storage` with segments of at most `segment_bytes_max`.
+fn journal_on(storage: &Arc<dyn Storage>, segment_bytes_max: u64) -> Journal {
+    Journal::create(storage.clone(), GROUP, JournalConfig { segment_bytes_max }, Seq(1), genesis_chain(GROUP))
+        .expect("create")
 }
 
 fn write(i: u64) -> RecordBody {
@@ -281,9 +280,7 @@ fn read_in_batches(config: JournalConfig) {
 #[test]
 fn a_damaged_record_is_reported_with_its_place_and_never_read_for_shipping() {
     let storage: Arc<dyn Storage> = Arc::new(SimStorage::new());
-    let config = JournalConfig { segment_bytes_max: 1 << 20 };
-    let mut a =
-        Journal::create(storage.clone(), GROUP, config, Seq(1), genesis_chain(GROUP)).expect("create");
+    let mut a = journal_on(&storage, 1 << 20);
     for i in 0..10 {
         a.append(Generation(1), UnixNanos(100 + i), &write(i)).expect("append");
     }
@@ -403,9 +400,7 @@ proptest::proptest! {
 #[test]
 fn records_appended_after_a_read_are_served_as_written() {
     let storage: Arc<dyn Storage> = Arc::new(SimStorage::new());
-    let config = JournalConfig { segment_bytes_max: 1 << 20 };
-    let mut a =
-        Journal::create(storage.clone(), GROUP, config, Seq(1), genesis_chain(GROUP)).expect("create");
+    let mut a = journal_on(&storage, 1 << 20);
     a.append(Generation(1), UnixNanos(100), &write(0)).expect("append");
     let first = a.reader().read(a.locate(Seq(1)).expect("locate"), Seq(1), Seq(1), u64::MAX).expect("read");
     for i in 1..10 {

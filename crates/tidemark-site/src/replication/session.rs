@@ -446,8 +446,8 @@ pub async fn run_primary(
     let mut flights: VecDeque<(Seq, Location)> = VecDeque::new();
     let mut last_flush = Instant::now();
     let mut swap: Option<Swap> = None;
-    // Kept from batch to batch; lent to the blocking task that builds each.
-    let mut compressor: Option<BatchCompressor> = None;
+    // One zstd context for the session's batches.
+    let compressor = Arc::new(Mutex::new(BatchCompressor::new(config.zstd_level)));
     loop {
         // Make records durable when hosts do not: only durable records are shipped.
         let (last, durable) = {
@@ -473,14 +473,8 @@ pub async fn run_primary(
                 }
             };
             let (g, first, max) = (group.clone(), plan.from, plan.bytes_max);
-            let mut zstd = compressor.take().unwrap_or_else(|| BatchCompressor::new(config.zstd_level));
-            let (built, zstd) = blocking(move || {
-                let built = build_batch(&g, &mut zstd, from, first, max);
-                Ok::<_, EngineError>((built, zstd))
-            })
-            .await?;
-            compressor = Some(zstd);
-            let built = built?;
+            let zstd = compressor.clone();
+            let built = blocking(move || build_batch(&g, &mut zstd.lock(), from, first, max)).await?;
             let Some((frame, next, raw_bytes)) = built else { break };
             let (first, last) = (frame.first_seq, frame.last_seq);
             let compressed = frame.payload.len() as u64;
