@@ -1,12 +1,19 @@
 //! Overflow policies with two real sites: a partner out of reach while the journal passes its
 //! limit. `resync` lets the journal trim, tracks the changed blocks and, when the partner
 //! returns, sends only those (a staged resync); `throttle` keeps the journal and slows writes.
+//! A partner that is connected but too slow for the writes gets the same resync: the journal's
+//! limit holds whether the partner is gone or only behind.
 
 use std::time::Duration;
 
 use tidemark_tests::{
     assert_replica_identical, pseudo_random, replication, run_ok, wait_caught_up, wait_for, Site,
 };
+
+/// `site`'s events, as JSON text.
+fn events(site: &Site) -> String {
+    site.cli_ok(&["events", "--json"])
+}
 
 const CATCH_UP: Duration = Duration::from_secs(180);
 
@@ -49,7 +56,7 @@ fn resync_sends_only_the_blocks_changed_while_the_partner_was_away() {
     wait_for("the 5 changed MiB to be tracked", CATCH_UP, || {
         replication(&a, "g")["overflow"]["dirty_bytes"] == 5 << 20
     });
-    let events = a.cli_ok(&["events", "--json"]);
+    let events = events(&a);
     assert!(events.contains("replication.overflow"), "{events}");
 
     // Counted from here: batches sent into the dead connection before it timed out count too.
@@ -62,7 +69,7 @@ fn resync_sends_only_the_blocks_changed_while_the_partner_was_away() {
     eprintln!("resync: {resync} bytes sent for 5 MiB of changed blocks (33 MiB written)");
     assert!(
         resync < 6 << 20,
-        "a resync sends the changed blocks, not the journal or the image: {resync} bytes"
+        "a resync sends the changed blocks, not the journal or the image: {resync} bytes; {r}"
     );
     assert_eq!(r["baseline"]["completed_total"], 1, "the resync (the initial sync was by the journal): {r}");
     assert_eq!(r["baseline"]["bytes_total"], 5 << 20, "the resync covers the changed blocks only: {r}");
@@ -78,6 +85,52 @@ fn resync_sends_only_the_blocks_changed_while_the_partner_was_away() {
 }
 
 #[test]
+fn resync_keeps_the_journal_bounded_for_a_connected_partner_too_slow_for_the_writes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = Site::start(&dir.path().join("a"));
+    let b = Site::start(&dir.path().join("b"));
+    let fingerprint =
+        |s: &Site| s.cli_json(&["site", "show"])["fingerprint"].as_str().expect("fingerprint").to_string();
+    // 8 Mbit/s: about 1 MB/s, far slower than qemu-io writes.
+    let (repl_b, fb) = (b.repl.to_string(), fingerprint(&b));
+    a.cli_ok(&[
+        "partner",
+        "add",
+        "b",
+        "--address",
+        &repl_b,
+        "--fingerprint",
+        &fb,
+        "--bandwidth-limit-mbit",
+        "8",
+    ]);
+    b.cli_ok(&["partner", "add", "a", "--address", &a.repl.to_string(), "--fingerprint", &fingerprint(&a)]);
+    a.cli_ok(&["group", "create", "g", "--journal-max", "16MiB"]);
+    a.cli_ok(&["volume", "create", "v", "--size", "64MiB", "--group", "g"]);
+    a.cli_ok(&["group", "protect", "g", "--partner", "b", "--overflow", "resync", "--wait"]);
+    let before = replication(&a, "g")["bytes_sent_total"].as_u64().expect("bytes");
+
+    // 4 MiB of blocks rewritten 8 times: 32 MiB of journal, twice the limit, while the partner
+    // stays connected and takes about 1 MB/s.
+    rewrite(&dir, &a, 0, 4, 8);
+    wait_for("the resync to track the blocks", CATCH_UP, || events(&a).contains("is connected but behind"));
+    wait_caught_up(&a, "g", CATCH_UP);
+    assert_replica_identical(&a, &b, "g", "v", "resynced");
+    let r = replication(&a, "g");
+    let sent = r["bytes_sent_total"].as_u64().expect("bytes") - before;
+    eprintln!("slow partner: {sent} bytes sent for 32 MiB written to 4 MiB of blocks");
+    assert!(sent < 24 << 20, "the journal's records past the limit were not all shipped: {sent} bytes");
+    assert!(r["baseline"]["completed_total"].as_u64() >= Some(1), "a resync ran: {r}");
+    assert!(
+        r["baseline"]["bytes_total"].as_u64() <= Some(4 << 20),
+        "the resync covers no more than the changed blocks: {r}"
+    );
+    wait_for("tracking to end once the partner has the blocks", CATCH_UP, || {
+        replication(&a, "g")["overflow"]["tracking"] == false
+    });
+}
+
+#[test]
 fn throttle_slows_writes_while_the_partner_is_away_and_loses_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (a, mut b) = protected(&dir, "throttle");
@@ -86,7 +139,7 @@ fn throttle_slows_writes_while_the_partner_is_away_and_loses_nothing() {
     wait_for("writes to be throttled", CATCH_UP, || {
         replication(&a, "g")["overflow"]["write_delay_ms"].as_f64().is_some_and(|d| d > 0.0)
     });
-    let events = a.cli_ok(&["events", "--json"]);
+    let events = events(&a);
     assert!(events.contains("policy throttle"), "{events}");
     // Nothing was trimmed past the partner: it resumes from the journal, no baseline.
     b.restart();

@@ -685,55 +685,81 @@ impl Replication {
             }
             OverflowPolicy::Resync => {
                 handle.set_write_delay(Duration::ZERO);
-                let reachable = matches!(*stats.state.lock(), ReplState::Streaming | ReplState::Baseline);
-                if bytes <= max || !behind || reachable {
+                if bytes <= max || !behind {
+                    stats.overflowing.store(false, Ordering::Release);
                     return Ok(());
                 }
-                let existing = self.dirty.lock().get(group).cloned();
-                if existing.as_ref().is_some_and(|d| d.through >= position.last_seq.0) {
-                    // Nothing written since the last round: no index walk under the group lock.
-                    return Ok(());
+                match *stats.state.lock() {
+                    // Connected but too slow for the writes: the session drains its batches and
+                    // ends, and `protect_loop` starts tracking exactly where the partner is.
+                    ReplState::Streaming => {
+                        stats.overflowing.store(true, Ordering::Release);
+                        return Ok(());
+                    }
+                    // A baseline's point stays readable until the partner has it, and the
+                    // journal after it is kept: the policy applies once it is done.
+                    ReplState::Baseline => return Ok(()),
+                    _ => {}
                 }
-                let first = existing.is_none();
-                let mut dirty = match existing {
-                    Some(d) => d,
-                    None => match handle.chain_at(acked).map_err(|e| e.to_string())? {
-                        Some(chain) => DirtyBlocks::new(acked.0, chain.0),
-                        None => {
-                            // The journal was trimmed past the partner before it was protected
-                            // (or it never acknowledged anything): it needs a full baseline
-                            // whatever happens, so there is nothing to keep for it.
-                            let last = handle.position().last_seq;
-                            self.engine.pin(group, PIN_HOLDER, Some(last));
-                            tracing::info!(%group, seq = last.0, "partner needs a full baseline; journal released");
-                            return Ok(());
-                        }
-                    },
-                };
-                // Everything after `through` is read off the index before the pin moves past it.
-                let through = handle.position().last_seq;
-                for (meta, blocks) in handle.blocks_changed_after(Seq(dirty.through)) {
-                    dirty.add(meta.id.0, meta.block_size_bytes, &blocks);
-                }
-                dirty.through = through.0;
-                overflow::save(&self.data_dir, group, &dirty)
-                    .map_err(|e| format!("save dirty blocks: {e}"))?;
-                let dirty_bytes = dirty.bytes();
-                self.dirty.lock().insert(group.to_string(), dirty);
-                self.engine.pin(group, PIN_HOLDER, Some(through));
-                if first {
-                    self.event(
-                        "replication.overflow",
-                        group,
-                        format!(
-                            "group {group}: partner {} has been out of reach while the journal grew to {bytes} bytes, past its {max}-byte limit; policy resync: the journal trims again, the {dirty_bytes} bytes of blocks changed since seq {} are tracked and sent as a resync when the partner returns",
-                            protection.partner, acked.0
-                        ),
-                    );
-                }
-                Ok(())
+                self.track_dirty(group, &protection.partner, acked, "has been out of reach")
             }
         }
+    }
+
+    /// The `resync` policy for `group`, whose `partner` holds everything through `acked`:
+    /// record the blocks changed since (adding to those already tracked) and let the journal
+    /// trim past them. `why` says how the partner fell behind, for the event. Blocking.
+    fn track_dirty(&self, group: &str, partner: &str, acked: Seq, why: &str) -> Result<(), String> {
+        let handle = self.engine.group_handle(group).map_err(|e| e.to_string())?;
+        let position = handle.position();
+        let existing = self.dirty.lock().get(group).cloned();
+        if existing.as_ref().is_some_and(|d| d.through >= position.last_seq.0) {
+            // Nothing written since the last round: no index walk under the group lock.
+            return Ok(());
+        }
+        let first = existing.is_none();
+        let chain = handle.chain_at(acked).map_err(|e| e.to_string())?;
+        let mut dirty = match (existing, chain) {
+            // The partner moved on since tracking began and the journal still says where to:
+            // a resync from there sends a subset of the blocks tracked since the old point.
+            (Some(d), Some(chain)) if acked.0 > d.from_seq => {
+                DirtyBlocks { from_seq: acked.0, from_chain: chain.0, ..d }
+            }
+            (Some(d), _) => d,
+            (None, Some(chain)) => DirtyBlocks::new(acked.0, chain.0),
+            (None, None) => {
+                // The journal was trimmed past the partner before it was protected (or it never
+                // acknowledged anything): it needs a full baseline whatever happens, so there is
+                // nothing to keep for it.
+                let last = position.last_seq;
+                self.engine.pin(group, PIN_HOLDER, Some(last));
+                tracing::info!(%group, seq = last.0, "partner needs a full baseline; journal released");
+                return Ok(());
+            }
+        };
+        // Everything after `through` is read off the index before the pin moves past it.
+        let through = handle.position().last_seq;
+        for (meta, blocks) in handle.blocks_changed_after(Seq(dirty.through)) {
+            dirty.add(meta.id.0, meta.block_size_bytes, &blocks);
+        }
+        dirty.through = through.0;
+        overflow::save(&self.data_dir, group, &dirty).map_err(|e| format!("save dirty blocks: {e}"))?;
+        let dirty_bytes = dirty.bytes();
+        self.dirty.lock().insert(group.to_string(), dirty);
+        self.engine.pin(group, PIN_HOLDER, Some(through));
+        self.stats_for(group).overflowing.store(false, Ordering::Release);
+        if first {
+            let (bytes, max) = (handle.journal_bytes(), handle.options.journal_max_bytes);
+            self.event(
+                "replication.overflow",
+                group,
+                format!(
+                    "group {group}: partner {partner} {why} while the journal grew to {bytes} bytes, past its {max}-byte limit; policy resync: the journal trims again, the {dirty_bytes} bytes of blocks changed since seq {} are tracked and sent as a resync",
+                    acked.0
+                ),
+            );
+        }
+        Ok(())
     }
 
     /// `group`'s dirty blocks, if its partner overflowed the journal.
@@ -1038,6 +1064,20 @@ async fn protect_loop(repl: Arc<Replication>, group: String, mut stop: watch::Re
         let outcome = protect_once(&repl, &group, &stats, stop.clone()).await;
         match outcome {
             Ok(SessionEnd::Stopped) | Ok(SessionEnd::Promoted { .. }) => return,
+            Ok(SessionEnd::Overflowed { acked, drained }) => {
+                tracing::info!(%group, acked = acked.0, drained, "journal past its limit with the partner behind: resync");
+                let (r, g) = (repl.clone(), group.clone());
+                let tracked = tokio::task::spawn_blocking(move || {
+                    r.track_dirty(&g, &r.partner_of(&g).unwrap_or_default(), acked, "is connected but behind")
+                })
+                .await;
+                if let Ok(Err(reason)) | Err(reason) = tracked.map_err(|e| e.to_string()) {
+                    tracing::warn!(%group, %reason, "could not start tracking dirty blocks");
+                    *stats.last_error.lock() = Some(reason);
+                }
+                delay = RETRY_DELAY_MIN;
+                continue;
+            }
             Ok(SessionEnd::Baselined { seq }) => {
                 // Stream after it at once.
                 tracing::info!(%group, seq, "baseline complete at the partner");

@@ -6,7 +6,7 @@
 //! the async shell that feeds it bytes and time and does the blocking engine calls.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -158,6 +158,10 @@ pub struct ReplStats {
     pub baseline_bytes_done: AtomicU64,
     /// Baselines completed (acknowledged by the partner, or switched to here).
     pub baselines_total: AtomicU64,
+    /// Set by the `resync` overflow policy when the journal passes its limit while the partner
+    /// is connected but too slow: the session stops sending, waits for its batches' acks and
+    /// ends with [`SessionEnd::Overflowed`], so tracking starts exactly at the partner's position.
+    pub overflowing: AtomicBool,
 }
 
 impl ReplStats {
@@ -184,6 +188,7 @@ impl ReplStats {
             baseline_bytes_total: AtomicU64::new(0),
             baseline_bytes_done: AtomicU64::new(0),
             baselines_total: AtomicU64::new(0),
+            overflowing: AtomicBool::new(false),
         }
     }
 
@@ -289,6 +294,15 @@ pub enum SessionEnd {
         /// The baseline's seq.
         seq: u64,
     },
+    /// The journal passed its limit with the partner connected but behind (see
+    /// [`ReplStats::overflowing`]): the partner holds everything through `acked`, and nothing
+    /// after it is in flight unless the drain timed out (`drained` false).
+    Overflowed {
+        /// Newest seq the partner acknowledged.
+        acked: Seq,
+        /// Whether every batch sent was acknowledged.
+        drained: bool,
+    },
 }
 
 /// What sessions need from the site around them.
@@ -315,6 +329,9 @@ pub trait SessionHost: Send + Sync + 'static {
 
 /// How long a swap waits for the secondary to acknowledge everything before it is called off.
 pub const SWAP_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a session the overflow policy stopped waits for its batches' acks before it ends
+/// anyway (the resync then starts from wherever the partner turns out to be).
+pub const OVERFLOW_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a swap waits for the secondary's answer once it has been asked to take over.
 pub const SWAP_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -429,14 +446,23 @@ pub async fn run_primary(
             let _ = send(&ch, &Message::Refuse { group_id: group.id, reason: e.to_string() }).await;
             return Err(SessionError::Diverged(e.to_string()));
         }
-        (Ok(_), SenderState::NeedsBaseline) => {
-            // A partner exactly where tracking began gets only what changed; any other, all of it.
-            let delta = resync.filter(|d| d.from_seq == peer.last_seq.0 && d.from_chain == peer.chain.0);
-            let sending =
-                Sending { stats: &stats, level: config.zstd_level, hold: &hold, limiter: &limiter, delta };
-            return send_baseline(&group, &mut ch, sending, &mut stop).await;
+        (Ok(_), state) => {
+            // Once the overflow policy tracks blocks for this partner it gets them as a resync,
+            // even if the journal has not trimmed yet; a partner behind the journal that the
+            // tracked blocks do not fit gets everything.
+            let behind = state == SenderState::NeedsBaseline;
+            let delta = resync.and_then(|d| resync_from(d, &peer, !behind));
+            if behind || delta.is_some() {
+                let sending = Sending {
+                    stats: &stats,
+                    level: config.zstd_level,
+                    hold: &hold,
+                    limiter: &limiter,
+                    delta,
+                };
+                return send_baseline(&group, &mut ch, sending, &mut stop).await;
+            }
         }
-        (Ok(_), _) => {}
     }
     stats.acked_seq.store(sender.acked().0, Ordering::Release);
     hold(sender.acked());
@@ -448,7 +474,18 @@ pub async fn run_primary(
     let mut swap: Option<Swap> = None;
     // One zstd context for the session's batches.
     let compressor = Arc::new(Mutex::new(BatchCompressor::new(config.zstd_level)));
+    // Set once the overflow policy asked this session to hand over to a resync.
+    let mut overflow_deadline: Option<Instant> = None;
     loop {
+        if swap.is_none() && stats.overflowing.load(Ordering::Acquire) {
+            let deadline = *overflow_deadline.get_or_insert_with(|| {
+                tracing::info!(group = %group.name, "journal past its limit: draining for a resync");
+                Instant::now() + OVERFLOW_DRAIN_TIMEOUT
+            });
+            if flights.is_empty() || Instant::now() >= deadline {
+                return Ok(SessionEnd::Overflowed { acked: sender.acked(), drained: flights.is_empty() });
+            }
+        }
         // Make records durable when hosts do not: only durable records are shipped.
         let (last, durable) = {
             let p = group.position();
@@ -463,6 +500,7 @@ pub async fn run_primary(
         let now = epoch.elapsed();
         while let Some(plan) = sender
             .plan(now, Pending { last_seq: durable, unsent_bytes: 0, oldest_unsent_at: Some(Duration::ZERO) })
+            .filter(|_| overflow_deadline.is_none())
         {
             let building = Instant::now();
             let from = match cursor {
@@ -572,6 +610,22 @@ pub async fn run_primary(
             }
         }
     }
+}
+
+/// The tracked blocks `dirty` as a resync from the partner's position `peer`, if they fit it.
+/// When `in_journal` (the journal still holds that position, and its chain there matched the
+/// partner's), a partner from where tracking began up to before `through` gets one: what
+/// changed since is among the tracked blocks and the journal's changes after `through`; at or
+/// past `through` the journal has all it lacks. Otherwise only a partner exactly where
+/// tracking began fits.
+fn resync_from(dirty: DirtyBlocks, peer: &GroupPosition, in_journal: bool) -> Option<DirtyBlocks> {
+    let at = peer.last_seq.0;
+    let fits = if in_journal {
+        dirty.from_seq <= at && at < dirty.through
+    } else {
+        at == dirty.from_seq && peer.chain.0 == dirty.from_chain
+    };
+    fits.then_some(DirtyBlocks { from_seq: at, from_chain: peer.chain.0, ..dirty })
 }
 
 /// The batch of durable records from `from` (where seq `first` starts), at most `bytes_max`
@@ -885,4 +939,48 @@ async fn follow(
         blocking(move || g.adopt_lineage(generation, &lineage)).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use tidemark_journal::ChainHash;
+
+    use super::*;
+
+    fn peer_at(seq: u64, chain: u8) -> GroupPosition {
+        GroupPosition {
+            group_id: 1,
+            generation: 1,
+            last_seq: Seq(seq),
+            chain: ChainHash([chain; 32]),
+            durable_seq: Seq(seq),
+            generations: Vec::new(),
+        }
+    }
+
+    /// Blocks tracked from seq 10 (chain 7) through seq 20.
+    fn tracked() -> DirtyBlocks {
+        DirtyBlocks { through: 20, ..DirtyBlocks::new(10, [7; 32]) }
+    }
+
+    #[test]
+    fn a_partner_behind_the_journal_fits_a_resync_only_where_tracking_began() {
+        let resync = resync_from(tracked(), &peer_at(10, 7), false).expect("fits");
+        assert_eq!((resync.from_seq, resync.from_chain, resync.through), (10, [7; 32], 20));
+        assert_eq!(resync_from(tracked(), &peer_at(10, 8), false), None, "another history");
+        assert_eq!(resync_from(tracked(), &peer_at(12, 7), false), None, "unverifiable position");
+        assert_eq!(resync_from(tracked(), &peer_at(9, 7), false), None, "before tracking");
+    }
+
+    #[test]
+    fn a_partner_the_journal_still_holds_gets_a_resync_from_its_own_position_before_through() {
+        for at in [10, 15, 19] {
+            let resync = resync_from(tracked(), &peer_at(at, 3), true).expect("fits");
+            assert_eq!((resync.from_seq, resync.from_chain, resync.through), (at, [3; 32], 20));
+        }
+        // At or past `through` the journal has everything it lacks: it streams.
+        assert_eq!(resync_from(tracked(), &peer_at(20, 3), true), None);
+        assert_eq!(resync_from(tracked(), &peer_at(25, 3), true), None);
+        assert_eq!(resync_from(tracked(), &peer_at(9, 3), true), None, "before tracking");
+    }
 }
