@@ -109,6 +109,33 @@ impl BaseImage {
         Ok(())
     }
 
+    /// [`BaseImage::read`], but only from memory: `None`, with `buf` in any state, when a chunk
+    /// file is not open yet (opening one may wait), or its bytes are not cached, or the chunk
+    /// table is busy.
+    pub fn try_read(&self, offset: u64, buf: &mut [u8]) -> Option<()> {
+        let mut done = 0usize;
+        for (chunk, within, n) in Self::pieces(offset, buf.len() as u64) {
+            let dst = buf.get_mut(done..done + n as usize)?;
+            done += n as usize;
+            let file = match self.chunks.try_lock()?.get(&chunk) {
+                Some(Some(file)) => file.clone(),
+                // Known to be absent: a hole.
+                Some(None) => {
+                    dst.fill(0);
+                    continue;
+                }
+                None => return None,
+            };
+            let avail = file.len().ok()?.saturating_sub(within).min(n) as usize;
+            let (head, tail) = dst.split_at_mut(avail);
+            if !head.is_empty() {
+                file.try_read_exact_at(head, within)?;
+            }
+            tail.fill(0);
+        }
+        Some(())
+    }
+
     /// Write `data` at `offset`.
     pub fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         let mut done = 0usize;

@@ -894,7 +894,33 @@ impl Group {
             }
             st.plan_read(volume, offset, buf.len() as u64, at, &self.name)?
         };
-        execute_read(&pieces, buf, &self.name).map_err(|e| self.fail_on_corruption(e))
+        let read = execute_read(&pieces, buf, &self.name, Reads::Wait);
+        read.map(|_| ()).map_err(|e| self.fail_on_corruption(e))
+    }
+
+    /// [`Group::read`] of the newest data, but only when it cannot wait: `None`, with `buf` in
+    /// any state, when the group lock is taken, the read is not whole blocks, or any of its
+    /// bytes is not in memory (it would wait for the disk). The caller may run it where
+    /// blocking is costly (the NBD server's async task) and read every `None` with
+    /// [`Group::read`] on a thread that may wait.
+    pub fn try_read(&self, volume: VolumeId, offset: u64, buf: &mut [u8]) -> Option<Result<()>> {
+        let pieces = {
+            let st = self.state.try_lock()?;
+            let planned = st.volume(volume, &self.name).and_then(|v| {
+                check_range(&v.meta, offset, buf.len() as u64)?;
+                let bs = u64::from(v.meta.block_size_bytes);
+                let whole = offset.is_multiple_of(bs) && (buf.len() as u64).is_multiple_of(bs);
+                whole.then(|| st.plan_read(volume, offset, buf.len() as u64, None, &self.name)).transpose()
+            });
+            match planned {
+                Ok(pieces) => pieces?,
+                Err(e) => return Some(Err(e)),
+            }
+        };
+        match execute_read(&pieces, buf, &self.name, Reads::Cached) {
+            Ok(done) => done.map(Ok),
+            Err(e) => Some(Err(self.fail_on_corruption(e))),
+        }
     }
 
     fn read_unaligned(
@@ -1545,7 +1571,19 @@ fn read_journal_block(journal: &Journal, loc: Location, crc: u32, buf: &mut [u8]
     Ok(())
 }
 
-fn execute_read(pieces: &[Piece], buf: &mut [u8], group: &str) -> Result<()> {
+/// How [`execute_read`] may read files.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reads {
+    /// From the disk if need be.
+    Wait,
+    /// Only what is in memory
+    /// ([`tidemark_journal::storage::StorageFile::try_read_exact_at`]).
+    Cached,
+}
+
+/// Fill `buf` from `pieces`, checking every journal block's checksum. `Ok(None)` when `reads`
+/// is [`Reads::Cached`] and some bytes were not in memory (`buf` is then in any state).
+fn execute_read(pieces: &[Piece], buf: &mut [u8], group: &str, reads: Reads) -> Result<Option<()>> {
     let mut pos = 0usize;
     for piece in pieces {
         match piece {
@@ -1559,11 +1597,15 @@ fn execute_read(pieces: &[Piece], buf: &mut [u8], group: &str) -> Result<()> {
                 let dst = buf
                     .get_mut(pos..pos + len)
                     .ok_or_else(|| EngineError::InvalidArgument("read plan overflow".into()))?;
-                base.read(*offset, dst).map_err(|source| EngineError::Io {
-                    action: "read base image",
-                    path: base.describe(*offset),
-                    source,
-                })?;
+                if reads == Reads::Cached {
+                    let Some(()) = base.try_read(*offset, dst) else { return Ok(None) };
+                } else {
+                    base.read(*offset, dst).map_err(|source| EngineError::Io {
+                        action: "read base image",
+                        path: base.describe(*offset),
+                        source,
+                    })?;
+                }
                 pos += len;
             }
             Piece::Journal { file, segment, offset, block_bytes, crcs } => {
@@ -1571,10 +1613,14 @@ fn execute_read(pieces: &[Piece], buf: &mut [u8], group: &str) -> Result<()> {
                 let dst = buf
                     .get_mut(pos..pos + total)
                     .ok_or_else(|| EngineError::InvalidArgument("read plan overflow".into()))?;
-                file.read_exact_at(dst, *offset).map_err(|e| EngineError::Failed {
-                    group: group.into(),
-                    reason: format!("reading journal segment {segment} at offset {offset}: {e}"),
-                })?;
+                if reads == Reads::Cached {
+                    let Some(()) = file.try_read_exact_at(dst, *offset) else { return Ok(None) };
+                } else {
+                    file.read_exact_at(dst, *offset).map_err(|e| EngineError::Failed {
+                        group: group.into(),
+                        reason: format!("reading journal segment {segment} at offset {offset}: {e}"),
+                    })?;
+                }
                 for (i, (chunk, &crc)) in dst.chunks(*block_bytes).zip(crcs).enumerate() {
                     if crc32c::crc32c(chunk) != crc {
                         return Err(EngineError::Failed {
@@ -1590,7 +1636,7 @@ fn execute_read(pieces: &[Piece], buf: &mut [u8], group: &str) -> Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(Some(()))
 }
 
 impl Tables {
@@ -1904,7 +1950,7 @@ impl GroupState {
         group: &str,
     ) -> Result<()> {
         let pieces = self.plan_read(volume, offset, buf.len() as u64, at, group)?;
-        execute_read(&pieces, buf, group)
+        execute_read(&pieces, buf, group, Reads::Wait).map(|_| ())
     }
 
     /// The checkpoint's bytes, encoded from the tables in place.

@@ -1027,6 +1027,15 @@ impl ExportHandle {
         }
     }
 
+    /// [`ExportHandle::read`], only when it cannot wait ([`Group::try_read`]); `None`, having
+    /// read nothing useful, otherwise (and always for an image).
+    pub fn try_read(&self, offset: u64, buf: &mut [u8]) -> Option<Result<()>> {
+        if self.image.is_some() {
+            return None;
+        }
+        self.group.try_read(self.volume, offset, buf)
+    }
+
     /// Write at `offset`.
     pub fn write(&self, offset: u64, data: &[u8], durability: Durability) -> Result<()> {
         if let Some(image) = self.writable_image()? {

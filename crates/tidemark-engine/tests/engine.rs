@@ -257,6 +257,54 @@ fn a_pinned_history_is_never_trimmed_past_the_pin() {
     assert!(engine.group("g").expect("group").oldest_seq > 3, "released: trimming proceeds");
 }
 
+/// `try_read` reads only what is in memory; where it answers, it answers as `read` does, from the
+/// journal, the base image and never-written blocks alike. An unaligned read it leaves to
+/// `read`; errors are errors.
+#[test]
+fn a_read_from_memory_reads_what_a_waiting_read_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = open(dir.path(), Arc::new(MemoryEvents::default()));
+    engine
+        .create_group("g", GroupOptions { retention_seconds: 86400, journal_max_bytes: 16 << 20 })
+        .expect("group");
+    engine.create_volume("g", "v", 16 << 20, 4096).expect("volume");
+    let v = engine.open_export("v").expect("export");
+    // The first 8 MiB once, then its first half 8 times over: past the journal's limit, so the
+    // first round is trimmed into the base image; the last 8 MiB are never written.
+    for i in 0..8u64 {
+        v.write(i << 20, &pattern(i as u8, 1 << 20), Durability::Buffered).expect("write");
+    }
+    for round in 1..=8u8 {
+        for i in 0..4u64 {
+            v.write(
+                i << 20,
+                &pattern(round.wrapping_mul(16).wrapping_add(i as u8), 1 << 20),
+                Durability::Buffered,
+            )
+            .expect("write");
+        }
+    }
+    v.flush().expect("flush");
+    engine.maintain();
+    assert!(engine.group("g").expect("group").oldest_seq > 8, "the first round is in the base image");
+    let reads = [(0, 4096), (4 << 20, 4096), ((4 << 20) - 8192, 16384), (6 << 20, 65536), (12 << 20, 4096)];
+    let mut answered = 0;
+    for (offset, len) in reads {
+        let mut want = vec![0u8; len];
+        v.read(offset, &mut want).expect("read");
+        let mut got = vec![0xAAu8; len];
+        if let Some(read) = v.try_read(offset, &mut got) {
+            read.expect("read from memory");
+            assert_eq!(got, want, "{len} bytes at {offset}");
+            answered += 1;
+        }
+    }
+    // Each range was just read, so its bytes are in the page cache.
+    assert_eq!(answered, reads.len(), "every read found its bytes in memory");
+    assert!(v.try_read(100, &mut [0; 10]).is_none(), "unaligned");
+    assert!(matches!(v.try_read(16 << 20, &mut [0; 4096]), Some(Err(EngineError::InvalidArgument(_)))));
+}
+
 /// `try_write` writes only what cannot wait; the rest (here: an unaligned write and the writes
 /// that would start a journal segment) it leaves, untouched, to `write`. Errors are errors.
 #[test]

@@ -21,6 +21,14 @@ use rand::{Rng, SeedableRng};
 pub trait StorageFile: Send + Sync {
     /// Read exactly `buf.len()` bytes at `offset`; reading past the end is an `UnexpectedEof` error.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// [`StorageFile::read_exact_at`], but only if the bytes are in memory already: `Some`
+    /// with the whole read done, or `None` when it would have to wait for the disk (or fails:
+    /// the caller then reads with [`StorageFile::read_exact_at`], which says why), with `buf`
+    /// in any state. The default never tries.
+    fn try_read_exact_at(&self, buf: &mut [u8], offset: u64) -> Option<()> {
+        let _ = (buf, offset);
+        None
+    }
     /// Write all of `buf` at `offset`, growing the file if needed.
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Make every write so far durable (fdatasync).
@@ -98,6 +106,14 @@ struct OsFile(File);
 impl StorageFile for OsFile {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.0.read_exact_at(buf, offset)
+    }
+    fn try_read_exact_at(&self, buf: &mut [u8], offset: u64) -> Option<()> {
+        use rustix::io::{preadv2, ReadWriteFlags};
+        // RWF_NOWAIT: the page cache or EAGAIN, never the disk. A short read (part cached, or
+        // the end of the file) is left to the waiting path, as is any error.
+        let len = buf.len();
+        let read = preadv2(&self.0, &mut [io::IoSliceMut::new(buf)], offset, ReadWriteFlags::NOWAIT);
+        (read.ok()? == len).then_some(())
     }
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.0.write_all_at(buf, offset)
@@ -248,6 +264,10 @@ impl StorageFile for SimFile {
             .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "read past end"))?;
         buf.copy_from_slice(src);
         Ok(())
+    }
+    fn try_read_exact_at(&self, buf: &mut [u8], offset: u64) -> Option<()> {
+        // Everything is in memory, but a read that fails is left to `read_exact_at` to explain.
+        self.read_exact_at(buf, offset).ok()
     }
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let mut state = self.state.lock();

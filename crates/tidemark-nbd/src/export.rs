@@ -118,6 +118,14 @@ pub trait Export: Send + Sync + 'static {
     fn info(&self) -> ExportInfo;
     /// Fill `buf` with the bytes at `offset`.
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExportError>;
+    /// [`Export::read`], but only if it can be done without waiting (for a lock or the disk:
+    /// only copying from memory); `None` otherwise, with `buf` in any state. The server calls
+    /// it on its async task and hands a `None` to the blocking pool as `read`. The default
+    /// never tries.
+    fn try_read(&self, offset: u64, buf: &mut [u8]) -> Option<Result<(), ExportError>> {
+        let _ = (offset, buf);
+        None
+    }
     /// Write `data` at `offset`; with `fua`, return only once it is durable.
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ExportError>;
     /// [`Export::write`] without FUA, but only if it can be done without waiting (for a lock,

@@ -29,6 +29,9 @@ const READ_BUFFER_BYTES: usize = 64 * 1024;
 const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 /// Most descriptors in one block-status chunk, as the spec recommends (2^20).
 const BLOCK_STATUS_DESCRIPTORS_MAX: usize = 1 << 20;
+/// Largest read tried on the connection's task ([`Export::try_read`]): the copy out of memory
+/// must stay short next to the two context switches a trip to the blocking pool costs.
+const INLINE_READ_BYTES_MAX: u32 = 128 * 1024;
 
 /// Serve requests on `stream` until the client disconnects, then return once every reply to a
 /// request already read has been written.
@@ -215,8 +218,12 @@ impl BufferPool {
         buf
     }
 
-    /// Return a buffer for reuse, unless the pool is full.
+    /// Return a buffer for reuse, unless the pool is full or the buffer has no memory (an
+    /// empty one would only pile up).
     fn give(&self, buf: Vec<u8>) {
+        if buf.capacity() == 0 {
+            return;
+        }
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
         let held: usize = free.iter().map(Vec::capacity).sum();
         if held + buf.capacity() <= self.bytes_max {
@@ -384,8 +391,8 @@ where
                 return Ok(());
             }
         }
-        // A write that cannot wait is done here: handing it to a blocking thread and the reply
-        // back costs more than the write (two context switches).
+        // A write or read that cannot wait is done here: handing it to a blocking thread and
+        // the reply back costs more than the copy (two context switches).
         if let Some((bytes, outcome)) =
             try_inline(&connection, request.kind, request.cookie, command, &payload)
         {
@@ -409,9 +416,7 @@ where
                 |reply| reply,
             );
             connection.record(request.kind, &outcome, started);
-            if payload.capacity() > 0 {
-                connection.buffers.give(payload);
-            }
+            connection.buffers.give(payload);
             let reply = Reply { bytes, _slot: slot, _payload: payload_permit };
             // A closed channel means the connection is gone and the reply has nowhere to go.
             let _ = replies.blocking_send(reply);
@@ -419,8 +424,9 @@ where
     }
 }
 
-/// A write without FUA done at once if the export can do it without waiting
-/// ([`Export::try_write`]), with its reply; `None` for anything else.
+/// A write without FUA, or a read of at most [`INLINE_READ_BYTES_MAX`], done at once if the
+/// export can do it without waiting ([`Export::try_write`], [`Export::try_read`]), with its
+/// reply; `None` for anything else.
 fn try_inline(
     connection: &Connection,
     kind: u16,
@@ -428,15 +434,17 @@ fn try_inline(
     command: Command,
     payload: &[u8],
 ) -> Option<(Vec<u8>, Outcome)> {
-    let Command::Write { offset, fua: false, .. } = command else { return None };
-    if payload.is_empty() {
-        return None;
-    }
-    let attempt = || {
-        Some(match connection.export.try_write(offset, payload)? {
-            Ok(()) => (success_reply(cookie), Ok(payload.len() as u64)),
-            Err(error) => connection.failure(cookie, &error, true),
-        })
+    let attempt = || match command {
+        Command::Write { offset, fua: false, .. } if !payload.is_empty() => {
+            Some(match connection.export.try_write(offset, payload)? {
+                Ok(()) => (success_reply(cookie), Ok(payload.len() as u64)),
+                Err(error) => connection.failure(cookie, &error, true),
+            })
+        }
+        Command::Read { offset, length } if length > 0 && length <= INLINE_READ_BYTES_MAX => {
+            read_reply(connection, cookie, offset, length, |data| connection.export.try_read(offset, data))
+        }
+        _ => None,
     };
     unwinding(connection, (kind, cookie), attempt, Some)
 }
@@ -497,6 +505,18 @@ fn execute(connection: &Connection, cookie: u64, command: Command, payload: &[u8
 
 /// Read into the reply buffer itself, after the header, so the data is never copied.
 fn read(connection: &Connection, cookie: u64, offset: u64, length: u32) -> (Vec<u8>, Outcome) {
+    read_reply(connection, cookie, offset, length, |data| Some(connection.export.read(offset, data)))
+        .expect("a waiting read always answers")
+}
+
+/// [`read`] with `fill` reading the data; `None` when `fill` does.
+fn read_reply(
+    connection: &Connection,
+    cookie: u64,
+    offset: u64,
+    length: u32,
+    fill: impl FnOnce(&mut [u8]) -> Option<Result<(), ExportError>>,
+) -> Option<(Vec<u8>, Outcome)> {
     let structured = connection.rules.structured;
     let mut reply = Vec::new();
     if length == 0 {
@@ -506,7 +526,7 @@ fn read(connection: &Connection, cookie: u64, offset: u64, length: u32) -> (Vec<
         } else {
             put_simple_reply(&mut reply, 0, cookie);
         }
-        return (reply, Ok(0));
+        return Some((reply, Ok(0)));
     }
     reply.reserve_exact(CHUNK_HEADER_BYTES + OFFSET_DATA_PREFIX_BYTES + length as usize);
     if structured {
@@ -522,10 +542,10 @@ fn read(connection: &Connection, cookie: u64, offset: u64, length: u32) -> (Vec<
     let header_bytes = reply.len();
     reply.resize(header_bytes + length as usize, 0);
     let (_, data) = reply.split_at_mut(header_bytes);
-    match connection.export.read(offset, data) {
+    Some(match fill(data)? {
         Ok(()) => (reply, Ok(u64::from(length))),
         Err(error) => connection.failure(cookie, &error, false),
-    }
+    })
 }
 
 /// Encode the one `NBD_REPLY_TYPE_BLOCK_STATUS` chunk that answers a block-status request.

@@ -320,6 +320,40 @@ async fn writes_done_at_once_and_on_the_pool_both_land() {
     server.stop().await.unwrap();
 }
 
+/// Reads the export can do without waiting are done on the connection's task (up to 128 KiB),
+/// the rest on the blocking pool; either way the data is right, failures and panics are
+/// answered with an error, and the connection goes on.
+#[tokio::test]
+async fn reads_done_at_once_and_on_the_pool_both_return_the_data() {
+    let provider =
+        MemProvider::default().with(MemExport::new("disk", DISK_BYTES, false).with_panic_at(10 * 4096));
+    let server = TestServer::start(provider, ServerConfig::default()).await;
+    let (mut client, _) = Client::negotiate(server.addr, "disk").await;
+    for block in 0..8u64 {
+        assert_eq!(client.write(block * 4096, &pattern(4096, block as u8), CMD_FLAG_FUA).await.error, 0);
+    }
+    for block in 0..8u64 {
+        assert_eq!(client.read(block * 4096, 4096).await.data(), pattern(4096, block as u8));
+    }
+    let export = server.provider.export("disk");
+    assert_eq!(export.inline_reads.load(Ordering::SeqCst), 4, "the even blocks were read at once");
+    let both = [pattern(4096, 0), pattern(4096, 1)].concat();
+    assert_eq!(client.read(0, 8192).await.data(), both);
+    assert_eq!(export.inline_reads.load(Ordering::SeqCst), 5);
+    // Past 128 KiB a read goes to the pool whatever the export could do.
+    let large = client.read(0, 256 << 10).await.data();
+    assert_eq!(large.get(..8192), Some(&both[..]));
+    assert_eq!(export.inline_reads.load(Ordering::SeqCst), 5);
+
+    export.fail_next.lock().unwrap().replace(ExportError::Io("disk on fire".into()));
+    assert_eq!(client.read(2 * 4096, 4096).await.error, NBD_EIO);
+    assert_eq!(client.read(10 * 4096, 4096).await.error, NBD_EIO, "a panic is an error");
+    assert_eq!(client.read(2 * 4096, 4096).await.data(), pattern(4096, 2), "the connection goes on");
+    assert_eq!(export.inline_reads.load(Ordering::SeqCst), 6);
+    client.disconnect().await;
+    server.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn zero_length_requests_succeed_without_touching_storage() {
     let server = TestServer::standard().await;

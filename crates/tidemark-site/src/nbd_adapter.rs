@@ -63,6 +63,12 @@ impl Export for EngineExport {
         self.handle.read(offset, buf).map_err(|e| self.error(offset, length, e))
     }
 
+    fn try_read(&self, offset: u64, buf: &mut [u8]) -> Option<Result<(), ExportError>> {
+        let length = buf.len() as u64;
+        let read = self.handle.try_read(offset, buf)?;
+        Some(read.map_err(|e| self.error(offset, length, e)))
+    }
+
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ExportError> {
         self.handle.write(offset, data, durability(fua)).map_err(|e| self.error(offset, data.len() as u64, e))
     }

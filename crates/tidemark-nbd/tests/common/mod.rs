@@ -181,6 +181,9 @@ pub struct MemExport {
     /// Writes done by `try_write` (it writes blocks with an even index, and leaves the rest to
     /// `write`, as a store that cannot always write without waiting).
     pub inline_writes: AtomicU64,
+    /// Reads done by `try_read` (it reads from a block with an even index, unless gated, and
+    /// leaves the rest to `read`).
+    pub inline_reads: AtomicU64,
 }
 
 struct MemState {
@@ -211,6 +214,7 @@ impl MemExport {
             panic_offset: None,
             fail_next: Mutex::new(None),
             inline_writes: AtomicU64::new(0),
+            inline_reads: AtomicU64::new(0),
         }
     }
 
@@ -295,6 +299,17 @@ impl Export for MemExport {
             state.allocated[block as usize] = true;
         }
         Ok(())
+    }
+
+    fn try_read(&self, offset: u64, buf: &mut [u8]) -> Option<Result<(), ExportError>> {
+        if (offset / MEM_BLOCK_BYTES) % 2 == 1 || Some(offset) == self.gated_offset {
+            return None;
+        }
+        let read = self.read(offset, buf);
+        if read.is_ok() {
+            self.inline_reads.fetch_add(1, Ordering::SeqCst);
+        }
+        Some(read)
     }
 
     fn try_write(&self, offset: u64, data: &[u8]) -> Option<Result<(), ExportError>> {
