@@ -500,7 +500,8 @@ pub async fn run_primary(
         let now = epoch.elapsed();
         while let Some(plan) = sender
             .plan(now, Pending { last_seq: durable, unsent_bytes: 0, oldest_unsent_at: Some(Duration::ZERO) })
-            .filter(|_| overflow_deadline.is_none())
+            // A swap ships everything whatever the overflow policy asked.
+            .filter(|_| overflow_deadline.is_none() || swap.is_some())
         {
             let building = Instant::now();
             let from = match cursor {
