@@ -2,8 +2,8 @@
 //!
 //! [`NbdServer`] speaks the protocol in `shared/reference/nbd-protocol.md` to hosts and turns
 //! their requests into calls on an [`Export`] found through an [`ExportProvider`]. It knows
-//! nothing about journals: storage calls run on `tokio::task::spawn_blocking`, except a write or
-//! a read of at most 128 KiB that the export can do without waiting ([`Export::try_write`],
+//! nothing about journals: storage calls run on `tokio::task::spawn_blocking`, except a write
+//! or read of at most 128 KiB that the export can do without waiting ([`Export::try_write`],
 //! [`Export::try_read`]), done on the connection's task.
 //!
 //! What is served:

@@ -29,9 +29,11 @@ const READ_BUFFER_BYTES: usize = 64 * 1024;
 const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 /// Most descriptors in one block-status chunk, as the spec recommends (2^20).
 const BLOCK_STATUS_DESCRIPTORS_MAX: usize = 1 << 20;
-/// Largest read tried on the connection's task ([`Export::try_read`]): the copy out of memory
-/// must stay short next to the two context switches a trip to the blocking pool costs.
-const INLINE_READ_BYTES_MAX: u32 = 128 * 1024;
+/// Largest read or write tried on the connection's task ([`Export::try_read`],
+/// [`Export::try_write`]): the two context switches of a trip to the blocking pool cost more
+/// than a small request, but next to a large one they are nothing, and on the pool large
+/// requests are hashed and copied on several CPUs at once instead of one after another.
+const INLINE_BYTES_MAX: u32 = 128 * 1024;
 
 /// Serve requests on `stream` until the client disconnects, then return once every reply to a
 /// request already read has been written.
@@ -424,7 +426,7 @@ where
     }
 }
 
-/// A write without FUA, or a read of at most [`INLINE_READ_BYTES_MAX`], done at once if the
+/// A write without FUA or a read, of at most [`INLINE_BYTES_MAX`], done at once if the
 /// export can do it without waiting ([`Export::try_write`], [`Export::try_read`]), with its
 /// reply; `None` for anything else.
 fn try_inline(
@@ -435,13 +437,13 @@ fn try_inline(
     payload: &[u8],
 ) -> Option<(Vec<u8>, Outcome)> {
     let attempt = || match command {
-        Command::Write { offset, fua: false, .. } if !payload.is_empty() => {
+        Command::Write { offset, fua: false, length } if length > 0 && length <= INLINE_BYTES_MAX => {
             Some(match connection.export.try_write(offset, payload)? {
                 Ok(()) => (success_reply(cookie), Ok(payload.len() as u64)),
                 Err(error) => connection.failure(cookie, &error, true),
             })
         }
-        Command::Read { offset, length } if length > 0 && length <= INLINE_READ_BYTES_MAX => {
+        Command::Read { offset, length } if length > 0 && length <= INLINE_BYTES_MAX => {
             read_reply(connection, cookie, offset, length, |data| connection.export.try_read(offset, data))
         }
         _ => None,

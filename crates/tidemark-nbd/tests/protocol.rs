@@ -278,8 +278,8 @@ async fn simple_replies_work_and_a_failed_read_sends_no_payload() {
     server.stop().await.unwrap();
 }
 
-/// Writes the export can do without waiting are done on the connection's task, the rest on the
-/// blocking pool; either way the data lands, failures and panics are answered with an error,
+/// Writes the export can do without waiting are done on the connection's task (up to 128 KiB),
+/// the rest on the blocking pool; either way the data lands, failures and panics are answered with an error,
 /// and the connection goes on.
 #[tokio::test]
 async fn writes_done_at_once_and_on_the_pool_both_land() {
@@ -298,6 +298,10 @@ async fn writes_done_at_once_and_on_the_pool_both_land() {
     assert_eq!(client.write(0, &pattern(4096, 9), CMD_FLAG_FUA).await.error, 0);
     assert_eq!(export.inline_writes.load(Ordering::SeqCst), 4);
     assert_eq!(export.fua_calls.load(Ordering::SeqCst), 1);
+    // Past 128 KiB a write goes to the pool whatever the export could do.
+    assert_eq!(client.write(64 * 4096, &pattern(256 << 10, 5), 0).await.error, 0);
+    assert_eq!(export.inline_writes.load(Ordering::SeqCst), 4);
+    assert_eq!(client.read(64 * 4096, 256 << 10).await.data(), pattern(256 << 10, 5));
 
     export.fail_next.lock().unwrap().replace(ExportError::Io("disk on fire".into()));
     assert_eq!(client.write(2 * 4096, &pattern(4096, 7), 0).await.error, NBD_EIO);
