@@ -691,9 +691,12 @@ impl Replication {
                 }
                 match *stats.state.lock() {
                     // Connected but too slow for the writes: the session drains its batches and
-                    // ends, and `protect_loop` starts tracking exactly where the partner is.
+                    // ends, and `protect_loop` starts tracking exactly where the partner is;
+                    // unless the blocks tracked already cover every record (nothing to add).
                     ReplState::Streaming => {
-                        stats.overflowing.store(true, Ordering::Release);
+                        let covered =
+                            self.dirty.lock().get(group).is_some_and(|d| d.through >= position.last_seq.0);
+                        stats.overflowing.store(!covered, Ordering::Release);
                         return Ok(());
                     }
                     // A baseline's point stays readable until the partner has it, and the
@@ -710,6 +713,8 @@ impl Replication {
     /// record the blocks changed since (adding to those already tracked) and let the journal
     /// trim past them. `why` says how the partner fell behind, for the event. Blocking.
     fn track_dirty(&self, group: &str, partner: &str, acked: Seq, why: &str) -> Result<(), String> {
+        // Whatever follows, a session's request to hand over is answered.
+        self.stats_for(group).overflowing.store(false, Ordering::Release);
         let handle = self.engine.group_handle(group).map_err(|e| e.to_string())?;
         let position = handle.position();
         let existing = self.dirty.lock().get(group).cloned();
@@ -747,7 +752,6 @@ impl Replication {
         let dirty_bytes = dirty.bytes();
         self.dirty.lock().insert(group.to_string(), dirty);
         self.engine.pin(group, PIN_HOLDER, Some(through));
-        self.stats_for(group).overflowing.store(false, Ordering::Release);
         if first {
             let (bytes, max) = (handle.journal_bytes(), handle.options.journal_max_bytes);
             self.event(
