@@ -250,12 +250,20 @@ impl Drop for Site {
 
 /// Two sites under `dir` (`a` and `b`) that trust each other as partners `b` and `a`.
 pub fn paired_sites(dir: &Path) -> (Site, Site) {
+    paired_sites_with(dir, &[])
+}
+
+/// [`paired_sites`], with `partner_b` added to the arguments of `a`'s `partner add b` (such as
+/// a bandwidth limit).
+pub fn paired_sites_with(dir: &Path, partner_b: &[&str]) -> (Site, Site) {
     let a = Site::start(&dir.join("a"));
     let b = Site::start(&dir.join("b"));
     let fingerprint =
         |s: &Site| s.cli_json(&["site", "show"])["fingerprint"].as_str().expect("fingerprint").to_string();
     let (fa, fb) = (fingerprint(&a), fingerprint(&b));
-    a.cli_ok(&["partner", "add", "b", "--address", &b.repl.to_string(), "--fingerprint", &fb]);
+    let repl_b = b.repl.to_string();
+    let add_b = ["partner", "add", "b", "--address", &repl_b, "--fingerprint", &fb];
+    a.cli_ok(&[&add_b[..], partner_b].concat());
     b.cli_ok(&["partner", "add", "a", "--address", &a.repl.to_string(), "--fingerprint", &fa]);
     (a, b)
 }

@@ -87,24 +87,8 @@ fn resync_sends_only_the_blocks_changed_while_the_partner_was_away() {
 #[test]
 fn resync_keeps_the_journal_bounded_for_a_connected_partner_too_slow_for_the_writes() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let a = Site::start(&dir.path().join("a"));
-    let b = Site::start(&dir.path().join("b"));
-    let fingerprint =
-        |s: &Site| s.cli_json(&["site", "show"])["fingerprint"].as_str().expect("fingerprint").to_string();
     // 8 Mbit/s: about 1 MB/s, far slower than qemu-io writes.
-    let (repl_b, fb) = (b.repl.to_string(), fingerprint(&b));
-    a.cli_ok(&[
-        "partner",
-        "add",
-        "b",
-        "--address",
-        &repl_b,
-        "--fingerprint",
-        &fb,
-        "--bandwidth-limit-mbit",
-        "8",
-    ]);
-    b.cli_ok(&["partner", "add", "a", "--address", &a.repl.to_string(), "--fingerprint", &fingerprint(&a)]);
+    let (a, b) = tidemark_tests::paired_sites_with(dir.path(), &["--bandwidth-limit-mbit", "8"]);
     a.cli_ok(&["group", "create", "g", "--journal-max", "16MiB"]);
     a.cli_ok(&["volume", "create", "v", "--size", "64MiB", "--group", "g"]);
     a.cli_ok(&["group", "protect", "g", "--partner", "b", "--overflow", "resync", "--wait"]);

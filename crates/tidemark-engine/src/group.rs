@@ -743,15 +743,14 @@ impl Group {
         self.check_writable()?;
         self.throttle();
         let hint = u64::from(block_size_bytes.max(1));
-        let aligned = offset.is_multiple_of(hint) && (data.len() as u64).is_multiple_of(hint);
-        let prepared = aligned.then(|| prepare(data, hint as usize));
+        let prepared = whole_blocks(offset, data.len(), hint).then(|| prepare(data, hint as usize));
         let mut st = self.state.lock();
-        let meta = st.write_target(volume, offset, data.len() as u64, &self.name)?;
+        let meta = st.target(volume, offset, data.len() as u64, &self.name).cloned()?;
         let bs = u64::from(meta.block_size_bytes);
         if let Some(prepared) = prepared.filter(|_| bs == hint) {
             return self.append_prepared(&mut st, &meta, offset, data, &prepared);
         }
-        if offset.is_multiple_of(bs) && (data.len() as u64).is_multiple_of(bs) {
+        if whole_blocks(offset, data.len(), bs) {
             return self.append_aligned(&mut st, &meta, offset, data);
         }
         // Read-modify-write of the partial edge blocks, under the lock so that concurrent
@@ -780,7 +779,7 @@ impl Group {
         data: &[u8],
     ) -> Option<Result<Seq>> {
         let bs = block_size_bytes.max(1) as usize;
-        let whole = offset.is_multiple_of(bs as u64) && data.len().is_multiple_of(bs);
+        let whole = whole_blocks(offset, data.len(), bs as u64);
         if !self.write_delay().is_zero() || !whole || data.is_empty() || data.len() > record_chunk_bytes(bs) {
             return None;
         }
@@ -793,7 +792,7 @@ impl Group {
             return None;
         }
         // `append_prepared` checks the role.
-        let meta = match st.write_target(volume, offset, data.len() as u64, &self.name) {
+        let meta = match st.target(volume, offset, data.len() as u64, &self.name).cloned() {
             Ok(meta) if meta.block_size_bytes as usize == bs => meta,
             Ok(_) => return None,
             Err(e) => return Some(Err(e)),
@@ -847,8 +846,7 @@ impl Group {
         self.check_writable()?;
         self.throttle();
         let mut st = self.state.lock();
-        let meta = st.volume(volume, &self.name)?.meta.clone();
-        check_range(&meta, offset, length)?;
+        let meta = st.target(volume, offset, length, &self.name).cloned()?;
         let bs = u64::from(meta.block_size_bytes);
         let end = offset + length;
         let inner_start = offset.div_ceil(bs) * bs;
@@ -885,10 +883,8 @@ impl Group {
     pub fn read(&self, volume: VolumeId, offset: u64, buf: &mut [u8], at: Option<Seq>) -> Result<()> {
         let pieces = {
             let st = self.state.lock();
-            let meta = st.volume(volume, &self.name)?.meta.clone();
-            check_range(&meta, offset, buf.len() as u64)?;
-            let bs = u64::from(meta.block_size_bytes);
-            if !offset.is_multiple_of(bs) || !(buf.len() as u64).is_multiple_of(bs) {
+            let bs = u64::from(st.target(volume, offset, buf.len() as u64, &self.name)?.block_size_bytes);
+            if !whole_blocks(offset, buf.len(), bs) {
                 drop(st);
                 return self.read_unaligned(volume, bs, offset, buf, at);
             }
@@ -906,14 +902,15 @@ impl Group {
     pub fn try_read(&self, volume: VolumeId, offset: u64, buf: &mut [u8]) -> Option<Result<()>> {
         let pieces = {
             let st = self.state.try_lock()?;
-            let planned = st.volume(volume, &self.name).and_then(|v| {
-                check_range(&v.meta, offset, buf.len() as u64)?;
-                let bs = u64::from(v.meta.block_size_bytes);
-                let whole = offset.is_multiple_of(bs) && (buf.len() as u64).is_multiple_of(bs);
-                whole.then(|| st.plan_read(volume, offset, buf.len() as u64, None, &self.name)).transpose()
-            });
-            match planned {
-                Ok(pieces) => pieces?,
+            let bs = match st.target(volume, offset, buf.len() as u64, &self.name) {
+                Ok(meta) => u64::from(meta.block_size_bytes),
+                Err(e) => return Some(Err(e)),
+            };
+            if !whole_blocks(offset, buf.len(), bs) {
+                return None;
+            }
+            match st.plan_read(volume, offset, buf.len() as u64, None, &self.name) {
+                Ok(pieces) => pieces,
                 Err(e) => return Some(Err(e)),
             }
         };
@@ -1529,6 +1526,11 @@ fn prepare(data: &[u8], block_bytes: usize) -> Vec<Prepared> {
 /// `crc` value that marks a zero version whose blocks stay allocated (NO_HOLE).
 const ZERO_ALLOCATED: u32 = 1;
 
+/// Whether `[offset, +len)` is whole blocks of `block_bytes`.
+fn whole_blocks(offset: u64, len: usize, block_bytes: u64) -> bool {
+    offset.is_multiple_of(block_bytes) && (len as u64).is_multiple_of(block_bytes)
+}
+
 fn check_range(meta: &VolumeMeta, offset: u64, length: u64) -> Result<()> {
     match offset.checked_add(length) {
         Some(end) if end <= meta.size_bytes => Ok(()),
@@ -1654,9 +1656,9 @@ impl Tables {
     }
 
     /// The description of volume `id`, checking that `[offset, +length)` lies inside it.
-    fn write_target(&self, id: VolumeId, offset: u64, length: u64, group: &str) -> Result<VolumeMeta> {
-        let meta = self.volume(id, group)?.meta.clone();
-        check_range(&meta, offset, length)?;
+    fn target(&self, id: VolumeId, offset: u64, length: u64, group: &str) -> Result<&VolumeMeta> {
+        let meta = &self.volume(id, group)?.meta;
+        check_range(meta, offset, length)?;
         Ok(meta)
     }
 

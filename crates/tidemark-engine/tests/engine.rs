@@ -15,6 +15,21 @@ fn open(dir: &std::path::Path, events: Arc<MemoryEvents>) -> Arc<Engine> {
     Engine::open(config, Arc::new(SystemClock)).expect("open engine")
 }
 
+/// An engine in `dir` with group `g`, whose 16 MiB journal has 2 MiB segments, and its volume
+/// `v` of `volume_bytes` in 4 KiB blocks, opened.
+fn small_journal(
+    dir: &std::path::Path,
+    volume_bytes: u64,
+) -> (Arc<Engine>, Arc<tidemark_engine::ExportHandle>) {
+    let engine = open(dir, Arc::new(MemoryEvents::default()));
+    engine
+        .create_group("g", GroupOptions { retention_seconds: 86400, journal_max_bytes: 16 << 20 })
+        .expect("group");
+    engine.create_volume("g", "v", volume_bytes, 4096).expect("volume");
+    let export = engine.open_export("v").expect("export");
+    (engine, export)
+}
+
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len).map(|i| seed.wrapping_mul(31).wrapping_add((i % 251) as u8)).collect()
 }
@@ -263,12 +278,7 @@ fn a_pinned_history_is_never_trimmed_past_the_pin() {
 #[test]
 fn a_read_from_memory_reads_what_a_waiting_read_does() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let engine = open(dir.path(), Arc::new(MemoryEvents::default()));
-    engine
-        .create_group("g", GroupOptions { retention_seconds: 86400, journal_max_bytes: 16 << 20 })
-        .expect("group");
-    engine.create_volume("g", "v", 16 << 20, 4096).expect("volume");
-    let v = engine.open_export("v").expect("export");
+    let (engine, v) = small_journal(dir.path(), 16 << 20);
     // The first 8 MiB once, then its first half 8 times over: past the journal's limit, so the
     // first round is trimmed into the base image; the last 8 MiB are never written.
     for i in 0..8u64 {
@@ -310,13 +320,7 @@ fn a_read_from_memory_reads_what_a_waiting_read_does() {
 #[test]
 fn a_write_that_could_wait_is_left_to_the_caller() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let engine = open(dir.path(), Arc::new(MemoryEvents::default()));
-    // A 16 MiB journal has 2 MiB segments.
-    engine
-        .create_group("g", GroupOptions { retention_seconds: 86400, journal_max_bytes: 16 << 20 })
-        .expect("group");
-    engine.create_volume("g", "v", 64 << 20, 4096).expect("volume");
-    let export = engine.open_export("v").expect("export");
+    let (engine, export) = small_journal(dir.path(), 64 << 20);
     let group = engine.group_handle("g").expect("group");
     let before = group.position().last_seq;
     assert!(export.try_write(100, &[1; 10]).is_none());

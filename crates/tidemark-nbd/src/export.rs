@@ -2,7 +2,8 @@
 //!
 //! The server knows nothing about journals or groups: it asks an [`ExportProvider`] for exports
 //! by name and calls the blocking methods of [`Export`] from `tokio::task::spawn_blocking`; only
-//! [`Export::try_write`], which must never wait, is called on the connection's async task.
+//! [`Export::try_write`] and [`Export::try_read`], which must never wait, are called on the
+//! connection's async task.
 
 use std::sync::Arc;
 use std::time::Duration;
