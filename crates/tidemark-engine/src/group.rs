@@ -555,12 +555,15 @@ impl Group {
         let mut next = Seq(seq.0 + 1);
         while next <= last {
             let raw = reader.read(location, next, last, 16 << 20)?;
-            if raw.bytes.is_empty() {
+            if raw.is_empty() {
                 break;
             }
-            for record in tidemark_journal::record::decode_all(&raw.bytes).map_err(JournalError::from)? {
-                if let RecordBody::Control(Control::VolumeCreated { name, .. }) = record.into_inner().body {
-                    names.push(name);
+            for piece in &raw.pieces {
+                for record in tidemark_journal::record::decode_all(piece).map_err(JournalError::from)? {
+                    if let RecordBody::Control(Control::VolumeCreated { name, .. }) = record.into_inner().body
+                    {
+                        names.push(name);
+                    }
                 }
             }
             location = raw.next;

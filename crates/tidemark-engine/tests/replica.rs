@@ -70,7 +70,7 @@ fn a_record_that_does_not_continue_the_secondary_history_is_refused_unwritten() 
     let s = secondary.group_handle("g").expect("s");
     let next = Seq(s.position().last_seq.0 + 1);
     let raw = p.read_for_shipping(p.locate(next).expect("locate"), next, 1 << 20).expect("read");
-    let genuine = decode_verified(&raw.bytes, None).expect("decode");
+    let genuine = decode_verified(&raw.concat(), None).expect("decode");
     // The same seq with other content, whole and checksummed, on top of another history: what
     // a split-brain partner would send.
     let RecordBody::Write { volume, offset, .. } = genuine.body else { panic!("a write") };

@@ -15,6 +15,8 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use crate::recent::Recent;
 use crate::record::{
     self, DecodeError, RecordBody, RecordHeader, RecordMeta, VerifiedRecord, HEADER_BYTES, TRAILER_BYTES,
@@ -840,14 +842,32 @@ impl Journal {
 /// Encoded records read for shipping.
 #[derive(Debug)]
 pub struct RawRecords {
-    /// The records' bytes, concatenated, exactly as in the journal.
-    pub bytes: Vec<u8>,
+    /// The records' bytes, exactly as in the journal, in pieces that are back to back there;
+    /// each piece holds whole records (records served from memory are not copied into one).
+    pub pieces: Vec<Bytes>,
     /// Seq of the first record.
     pub first: Seq,
     /// Seq of the last record.
     pub last: Seq,
     /// Where the record after `last` starts.
     pub next: Location,
+}
+
+impl RawRecords {
+    /// Bytes of the records.
+    pub fn len(&self) -> usize {
+        self.pieces.iter().map(Bytes::len).sum()
+    }
+
+    /// Whether no record was read.
+    pub fn is_empty(&self) -> bool {
+        self.pieces.iter().all(Bytes::is_empty)
+    }
+
+    /// The records' bytes in one buffer (a copy).
+    pub fn concat(&self) -> Vec<u8> {
+        self.pieces.concat()
+    }
 }
 
 /// Segment files captured under the group lock, read without it, and the journal's newest
@@ -874,9 +894,9 @@ impl JournalReader {
     ) -> Result<RawRecords, JournalError> {
         if let Some(served) = self.recent.read(first, upto, bytes_max) {
             if served.last < first {
-                return Ok(RawRecords { bytes: Vec::new(), first, last: served.last, next: from });
+                return Ok(RawRecords { pieces: Vec::new(), first, last: served.last, next: from });
             }
-            return Ok(RawRecords { bytes: served.bytes, first, last: served.last, next: served.next });
+            return Ok(RawRecords { pieces: served.pieces, first, last: served.last, next: served.next });
         }
         self.read_files(from, first, upto, bytes_max)
     }
@@ -890,8 +910,9 @@ impl JournalReader {
         upto: Seq,
         bytes_max: u64,
     ) -> Result<RawRecords, JournalError> {
+        let mut bytes = Vec::new();
         let mut out =
-            RawRecords { bytes: Vec::new(), first, last: Seq(first.0.saturating_sub(1)), next: from };
+            RawRecords { pieces: Vec::new(), first, last: Seq(first.0.saturating_sub(1)), next: from };
         let mut at = from;
         let mut seq = first;
         let mut window = Window::default();
@@ -913,8 +934,7 @@ impl JournalReader {
             }
             // Read ahead as far as the batch may still grow, so a batch of small records takes
             // a few reads instead of two per record.
-            let ahead =
-                bytes_max.saturating_sub(out.bytes.len() as u64).clamp(HEADER_BYTES as u64, READ_AHEAD);
+            let ahead = bytes_max.saturating_sub(bytes.len() as u64).clamp(HEADER_BYTES as u64, READ_AHEAD);
             let head = window
                 .get(&**file, at, HEADER_BYTES as u64, ahead, *len)
                 .map_err(|e| corrupt(e.to_string()))?;
@@ -923,22 +943,25 @@ impl JournalReader {
                 .and_then(|h| RecordHeader::decode(h).map_err(DecodeError::Malformed))
                 .map_err(|e| corrupt(e.to_string()))?;
             let total = u64::from(header.total_len);
-            if !out.bytes.is_empty() && out.bytes.len() as u64 + total > bytes_max {
+            if !bytes.is_empty() && bytes.len() as u64 + total > bytes_max {
                 break;
             }
-            let bytes = window.get(&**file, at, total, ahead, *len).map_err(|e| corrupt(e.to_string()))?;
-            let verified = record::verify(bytes).map_err(|e| corrupt(e.to_string()))?;
+            let record = window.get(&**file, at, total, ahead, *len).map_err(|e| corrupt(e.to_string()))?;
+            let verified = record::verify(record).map_err(|e| corrupt(e.to_string()))?;
             if verified.seq != seq {
                 return Err(corrupt(format!(
                     "record has seq {} where seq {} was expected",
                     verified.seq.0, seq.0
                 )));
             }
-            out.bytes.extend_from_slice(bytes);
+            bytes.extend_from_slice(record);
             at.offset += total;
             out.last = seq;
             out.next = at;
             seq = Seq(seq.0 + 1);
+        }
+        if !bytes.is_empty() {
+            out.pieces.push(Bytes::from(bytes));
         }
         Ok(out)
     }

@@ -46,7 +46,8 @@ fn a_copied_journal_has_the_same_chain_at_every_seq() {
     let reader = a.reader();
     while next <= a.last_seq() {
         let raw = reader.read(from, next, a.last_seq(), 10 << 10).expect("read");
-        let mut rest: &[u8] = &raw.bytes;
+        let joined = raw.concat();
+        let mut rest: &[u8] = &joined;
         while !rest.is_empty() {
             let rec = decode_verified(rest, None).expect("decode");
             let len =
@@ -105,7 +106,7 @@ fn varied(i: u64) -> RecordBody {
 fn all_records(a: &Journal) -> Vec<VerifiedRecord> {
     let raw =
         a.reader().read(a.locate(Seq(1)).expect("locate"), Seq(1), a.last_seq(), u64::MAX).expect("read");
-    decode_all(&raw.bytes).expect("valid")
+    decode_all(&raw.concat()).expect("valid")
 }
 
 #[test]
@@ -253,13 +254,13 @@ fn read_in_batches(config: JournalConfig) {
         let mut got = Vec::new();
         while next <= a.last_seq() {
             let raw = reader.read(from, next, a.last_seq(), bytes_max).expect("read");
-            let batch: Vec<Record> = decode_all(&raw.bytes)
+            let batch: Vec<Record> = decode_all(&raw.concat())
                 .expect("whole, valid records")
                 .into_iter()
                 .map(VerifiedRecord::into_inner)
                 .collect();
             assert!(!batch.is_empty(), "a read always makes progress");
-            assert!(batch.len() == 1 || raw.bytes.len() as u64 <= bytes_max, "{bytes_max}: over the limit");
+            assert!(batch.len() == 1 || raw.len() as u64 <= bytes_max, "{bytes_max}: over the limit");
             assert_eq!((batch[0].seq, raw.last), (next, batch[batch.len() - 1].seq));
             got.extend(batch);
             from = raw.next;
@@ -273,7 +274,7 @@ fn read_in_batches(config: JournalConfig) {
     // And the read continues where it stopped (at the record, or at the end of its segment).
     let rest = reader.read(raw.next, Seq(10), Seq(10), 1).expect("read on");
     assert_eq!((rest.first, rest.last), (Seq(10), Seq(10)));
-    let rest = decode_all(&rest.bytes).expect("valid");
+    let rest = decode_all(&rest.concat()).expect("valid");
     assert_eq!(rest.iter().map(|r| (**r).clone()).collect::<Vec<_>>(), vec![expected[9].clone()]);
 }
 
@@ -378,7 +379,7 @@ proptest::proptest! {
             let at = a.locate(first).expect("locate");
             let served = reader.read(at, first, upto, bytes_max).expect("from memory");
             let read = reader.read_files(at, first, upto, bytes_max).expect("from the files");
-            proptest::prop_assert_eq!(&served.bytes, &read.bytes);
+            proptest::prop_assert_eq!(&served.concat(), &read.concat());
             proptest::prop_assert_eq!((served.first, served.last), (read.first, read.last));
             if served.last < last {
                 // Where the next record starts, or the end of the segment before it.
@@ -389,7 +390,7 @@ proptest::proptest! {
                 );
                 let on = reader.read(served.next, Seq(served.last.0 + 1), last, u64::MAX).expect("read on");
                 proptest::prop_assert_eq!(on.first, Seq(served.last.0 + 1));
-                proptest::prop_assert!(!on.bytes.is_empty());
+                proptest::prop_assert!(!on.is_empty());
             }
         }
     }
@@ -410,7 +411,7 @@ fn records_appended_after_a_read_are_served_as_written() {
     let reader = a.reader();
     let raw = reader.read(first.next, Seq(2), a.last_seq(), u64::MAX).expect("served from memory");
     assert_eq!((raw.first, raw.last), (Seq(2), Seq(10)));
-    let records = decode_all(&raw.bytes).expect("as written");
+    let records = decode_all(&raw.concat()).expect("as written");
     assert_eq!(records.len(), 9);
     for (i, record) in (1..).zip(&records) {
         assert_eq!(record.body, write(i));

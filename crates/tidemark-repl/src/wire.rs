@@ -180,12 +180,17 @@ fn record_spans(raw: &[u8]) -> Option<Vec<Range<usize>>> {
 /// blake3 over the stored checksum of each record at `spans` of `raw`.
 fn hash_of_spans(raw: &[u8], spans: &[Range<usize>]) -> [u8; 32] {
     let mut hasher = blake3::Hasher::new();
+    hash_spans(&mut hasher, raw, spans);
+    *hasher.finalize().as_bytes()
+}
+
+/// Feed `hasher` the stored checksum of each record at `spans` of `raw`.
+fn hash_spans(hasher: &mut blake3::Hasher, raw: &[u8], spans: &[Range<usize>]) {
     for span in spans {
         // A record is longer than its trailer (RecordHeader::decode checks the total length).
         let checksum = span.end - TRAILER_BYTES..span.end - TRAILER_BYTES + 16;
         hasher.update(raw.get(checksum).unwrap_or_default());
     }
-    *hasher.finalize().as_bytes()
 }
 
 /// A volume as a baseline describes it.
@@ -284,6 +289,42 @@ impl BatchCompressor {
         let level = level.clamp(*range.start(), *range.end());
         BatchCompressor(zstd::bulk::Compressor::new(level).expect("a level in zstd's range"))
     }
+
+    /// `pieces` (`raw_bytes` in all) as one zstd frame. Several pieces are streamed through
+    /// the context, which keeps the window across them, so the frame is what their
+    /// concatenation would give; a single piece is compressed in one call.
+    fn compress<P: AsRef<[u8]>>(&mut self, pieces: &[P], raw_bytes: usize) -> Vec<u8> {
+        use zstd::zstd_safe::{zstd_sys::ZSTD_EndDirective, InBuffer, OutBuffer, ResetDirective};
+        let mut payload = Vec::with_capacity(zstd::zstd_safe::compress_bound(raw_bytes));
+        if let [one] = pieces {
+            self.0.compress_to_buffer(one.as_ref(), &mut payload).expect("room for the frame");
+            return payload;
+        }
+        let cctx = self.0.context_mut();
+        let started = cctx
+            .reset(ResetDirective::SessionOnly)
+            .and_then(|_| cctx.set_pledged_src_size(Some(raw_bytes as u64)));
+        started.expect("a new frame starts");
+        let mut output = OutBuffer::around(&mut payload);
+        for (i, piece) in pieces.iter().enumerate() {
+            let mut input = InBuffer::around(piece.as_ref());
+            let end = if i + 1 == pieces.len() {
+                ZSTD_EndDirective::ZSTD_e_end
+            } else {
+                ZSTD_EndDirective::ZSTD_e_continue
+            };
+            // The output has room for the whole frame, so each call takes all the input, and
+            // the last one ends the frame.
+            loop {
+                let left = cctx.compress_stream2(&mut output, &mut input, end).expect("room for the frame");
+                let taken = input.pos == piece.as_ref().len();
+                if taken && (left == 0 || end == ZSTD_EndDirective::ZSTD_e_continue) {
+                    break;
+                }
+            }
+        }
+        payload
+    }
 }
 
 /// A contiguous run of records, as sent.
@@ -370,30 +411,36 @@ impl BatchFrame {
             generation,
             first_seq,
             last_seq,
-            raw,
+            &[raw],
         )
     }
 
-    /// [`BatchFrame::build`] with a compressor kept from batch to batch.
-    pub fn build_with(
+    /// [`BatchFrame::build`] with a compressor kept from batch to batch, from the records in
+    /// `pieces` (back to back in the journal, each holding whole records, as a journal reader
+    /// returns them), without joining them first: they are compressed as one zstd frame, as
+    /// their concatenation would be. `None` when a piece is not a run of whole records.
+    pub fn build_with<P: AsRef<[u8]>>(
         compressor: &mut BatchCompressor,
         group_id: u64,
         generation: u64,
         first_seq: Seq,
         last_seq: Seq,
-        raw: &[u8],
+        pieces: &[P],
     ) -> Option<BatchFrame> {
-        assert!(raw.len() as u64 <= BATCH_RAW_BYTES_MAX, "batch over BATCH_RAW_BYTES_MAX");
-        let content_hash = content_hash_of(raw)?;
-        let payload = compressor.0.compress(raw).expect("zstd compresses any input");
+        let raw_bytes: usize = pieces.iter().map(|p| p.as_ref().len()).sum();
+        assert!(raw_bytes as u64 <= BATCH_RAW_BYTES_MAX, "batch over BATCH_RAW_BYTES_MAX");
+        let mut hasher = blake3::Hasher::new();
+        for piece in pieces {
+            hash_spans(&mut hasher, piece.as_ref(), &record_spans(piece.as_ref())?);
+        }
         Some(BatchFrame {
             group_id,
             generation,
             first_seq,
             last_seq,
-            raw_bytes: raw.len() as u64,
-            content_hash,
-            payload,
+            raw_bytes: raw_bytes as u64,
+            content_hash: *hasher.finalize().as_bytes(),
+            payload: compressor.compress(pieces, raw_bytes),
         })
     }
 
@@ -484,6 +531,30 @@ mod tests {
             raw.extend_from_slice(&one);
         }
         (raw, genesis)
+    }
+
+    #[test]
+    fn a_batch_of_pieces_is_the_batch_of_their_concatenation() {
+        let (raw, genesis) = three_records();
+        let joined = BatchFrame::build(7, 1, Seq(1), Seq(3), &raw, 1).expect("whole records");
+        let record_len = raw.len() / 3;
+        let pieces = [&raw[..record_len], &raw[record_len..]];
+        let mut compressor = BatchCompressor::new(1);
+        let split = BatchFrame::build_with(&mut compressor, 7, 1, Seq(1), Seq(3), &pieces).expect("whole");
+        // The same content, hash and frame: one zstd frame over both pieces, with matches
+        // across them.
+        assert_eq!((split.raw_bytes, split.content_hash), (joined.raw_bytes, joined.content_hash));
+        assert_eq!(
+            zstd::zstd_safe::get_frame_content_size(&split.payload).ok(),
+            Some(Some(raw.len() as u64))
+        );
+        let three = [&raw[..record_len], &raw[record_len..2 * record_len], &raw[2 * record_len..]];
+        let streamed = BatchFrame::build_with(&mut compressor, 7, 1, Seq(1), Seq(3), &three).expect("whole");
+        assert_eq!(streamed.payload, split.payload, "the same frame however the records are cut");
+        assert_eq!(split.open(&genesis).expect("opens"), joined.open(&genesis).expect("opens"));
+        // A piece that is not whole records cannot be built, even when the pieces add up.
+        let torn = [&raw[..record_len + 1], &raw[record_len + 1..]];
+        assert!(BatchFrame::build_with(&mut compressor, 7, 1, Seq(1), Seq(3), &torn).is_none());
     }
 
     #[test]

@@ -298,7 +298,7 @@ fn ship_one(pg: &Group, sg: &Group) -> u64 {
     }
     let location = pg.locate(start).expect("locate");
     let raw = pg.read_for_shipping(location, start, 16 << 10).expect("read");
-    let records = decode_all(&raw.bytes).expect("decode");
+    let records = decode_all(&raw.concat()).expect("decode");
     sg.apply_replicated(&records).expect("apply");
     sg.flush().expect("flush");
     records.len() as u64

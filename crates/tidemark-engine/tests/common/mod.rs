@@ -29,7 +29,7 @@ pub fn ship(from: &Engine, to: &Engine, group: &str, batch_bytes: u64) -> u64 {
     let mut shipped = 0;
     while next <= end {
         let raw = p.read_for_shipping(location, next, batch_bytes).expect("read");
-        let records = decode_all(&raw.bytes).expect("decode");
+        let records = decode_all(&raw.concat()).expect("decode");
         shipped += records.len() as u64;
         s.apply_replicated(&records).expect("apply");
         s.flush().expect("flush");

@@ -640,17 +640,17 @@ fn build_batch(
     bytes_max: u64,
 ) -> Result<Option<(BatchFrame, Location, u64)>, EngineError> {
     let raw = group.read_for_shipping(from, first, bytes_max)?;
-    if raw.bytes.is_empty() {
+    if raw.is_empty() {
         return Ok(None);
     }
     let frame =
-        BatchFrame::build_with(compressor, group.id, group.generation(), raw.first, raw.last, &raw.bytes)
+        BatchFrame::build_with(compressor, group.id, group.generation(), raw.first, raw.last, &raw.pieces)
             .ok_or_else(|| {
                 let reason =
                     format!("records {}..={} read for shipping are not whole", raw.first.0, raw.last.0);
                 JournalError::Invalid(reason)
             })?;
-    Ok(Some((frame, raw.next, raw.bytes.len() as u64)))
+    Ok(Some((frame, raw.next, raw.len() as u64)))
 }
 
 /// Start a swap: stop host writes (durably) and note how far the partner must catch up.
