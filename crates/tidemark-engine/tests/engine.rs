@@ -315,6 +315,29 @@ fn a_read_from_memory_reads_what_a_waiting_read_does() {
     assert!(matches!(v.try_read(16 << 20, &mut [0; 4096]), Some(Err(EngineError::InvalidArgument(_)))));
 }
 
+/// The inline paths never wait for the group lock: while anything holds it, `try_write` and
+/// `try_read` step aside (`None`), and a write left this way has written nothing.
+#[test]
+fn the_inline_paths_step_aside_while_the_group_lock_is_held() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (engine, export) = small_journal(dir.path(), 64 << 20);
+    let group = engine.group_handle("g").expect("group");
+    export.write(0, &pattern(1, 4096), Durability::Buffered).expect("write");
+    let mut buf = vec![0; 4096];
+    assert!(export.try_read(0, &mut buf).is_some(), "answered at once with the lock free");
+    let before = group.position().last_seq;
+    let (wrote, read) = group.with_state(|_| {
+        let mut buf = vec![0; 4096];
+        (export.try_write(4096, &pattern(2, 4096)).is_none(), export.try_read(0, &mut buf).is_none())
+    });
+    assert!(wrote && read, "a held lock sends both to the caller's waiting path");
+    assert_eq!(group.position().last_seq, before, "the write stepped aside unwritten");
+    assert!(
+        matches!(export.try_write(4096, &pattern(2, 4096)), Some(Ok(_))),
+        "and is done once the lock is free"
+    );
+}
+
 /// `try_write` writes only what cannot wait; the rest (here: an unaligned write and the writes
 /// that would start a journal segment) it leaves, untouched, to `write`. Errors are errors.
 #[test]
