@@ -12,6 +12,7 @@
 //!    Corruption is reported with the segment and offset, and the journal refuses to open.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -385,7 +386,7 @@ impl Journal {
         time: UnixNanos,
         body: &RecordBody,
     ) -> Result<Appended, JournalError> {
-        self.append_with(generation, time, |meta, prev, out| record::encode(meta, body, prev, out))
+        self.append_with(generation, time, |meta, prev, out| (record::encode(meta, body, prev, out), &[]))
     }
 
     /// Append a write record of borrowed data (the host write path). `data_hash`, when given,
@@ -400,7 +401,7 @@ impl Journal {
         data_hash: Option<[u8; 32]>,
     ) -> Result<Appended, JournalError> {
         self.append_with(generation, time, |meta, prev, out| {
-            record::encode_write(meta, volume, offset, data, data_hash, prev, out)
+            (record::frame_write(meta, volume, offset, data, data_hash, prev, out), data)
         })
     }
 
@@ -428,9 +429,14 @@ impl Journal {
     /// exactly those.
     pub fn append_replicas(&mut self, records: &[VerifiedRecord]) -> ReplicaAppend {
         let mut done = ReplicaAppend { appended: Vec::with_capacity(records.len()), refused: None };
-        let mut batch = std::mem::take(&mut self.encode_buf);
-        batch.clear();
-        // What `batch` holds, staged but not written: the tail as it will be once it is.
+        // The records' headers and trailers (and small records whole), back to back; their
+        // data is written from where it lies (see `record::frame_replica`).
+        let mut framing = std::mem::take(&mut self.encode_buf);
+        framing.clear();
+        // What is staged but not written: each record's framing in `framing` and its data, the
+        // bytes they make, and the tail as it will be once they are written.
+        let mut pending: Vec<FramedRecord> = Vec::new();
+        let mut pending_bytes = 0u64;
         let mut staged: Vec<Appended> = Vec::new();
         let (mut next_seq, mut chain, mut last_time) = (self.next_seq, self.chain, self.last_time);
         let (mut index, mut start) = self.tail_segment();
@@ -449,36 +455,37 @@ impl Journal {
                 )));
                 break;
             }
-            let len_before = batch.len();
+            let framing_start = framing.len();
             let meta = RecordMeta {
                 seq: next_seq,
                 generation: record.generation,
                 time: record.time,
                 durable: Seq(self.durable.load(Ordering::Acquire)),
             };
-            let ours = record::encode_replica(meta, record, &chain, &mut batch);
+            let (ours, payload) = record::frame_replica(meta, record, &chain, &mut framing);
             if ours != record.chain {
-                batch.truncate(len_before);
+                framing.truncate(framing_start);
                 done.refused = Some(JournalError::Diverged { seq: next_seq.0, ours, theirs: record.chain });
                 break;
             }
-            let len = (batch.len() - len_before) as u64;
-            let mut offset = start + len_before as u64;
+            let len = (framing.len() - framing_start + payload.len()) as u64;
+            let mut offset = start + pending_bytes;
             if offset + len > self.config.segment_bytes_max && offset > SEGMENT_HEADER_BYTES {
                 // This record starts the next segment: write what precedes it, then roll over.
-                let record_bytes = batch.split_off(len_before);
-                let written = self.write_staged(index, start, &batch, &mut staged, last_time, &mut done);
-                let rolled = written.and_then(|()| self.start_segment(index + 1));
-                if let Err(e) = rolled {
+                let written =
+                    self.write_staged(index, start, (&framing, &pending), &mut staged, last_time, &mut done);
+                pending.clear();
+                pending_bytes = 0;
+                if let Err(e) = written.and_then(|()| self.start_segment(index + 1)) {
                     done.refused = Some(e);
                     staged.clear();
-                    batch = record_bytes;
                     break;
                 }
-                batch = record_bytes;
                 (index, start) = self.tail_segment();
                 offset = start;
             }
+            pending.push((framing_start..framing.len(), payload));
+            pending_bytes += len;
             staged.push(Appended {
                 seq: next_seq,
                 location: Location { segment: index, offset },
@@ -489,33 +496,42 @@ impl Journal {
             last_time = record.time;
         }
         if !staged.is_empty() {
-            if let Err(e) = self.write_staged(index, start, &batch, &mut staged, last_time, &mut done) {
+            if let Err(e) =
+                self.write_staged(index, start, (&framing, &pending), &mut staged, last_time, &mut done)
+            {
                 done.refused.get_or_insert(e);
             }
         }
-        self.encode_buf = batch;
+        self.encode_buf = framing;
         done
     }
 
-    /// Write `bytes` (the records `staged` describes, the newest at `last_time`) at `start` of
-    /// tail segment `index`, and move the tail past them: they become part of `done`.
+    /// Write the records `staged` describes (the newest at `last_time`) at `start` of tail
+    /// segment `index`, in one `pwritev`: each one's framing (a range of the first buffer) split
+    /// around its data. Then move the tail past them: they become part of `done`.
     fn write_staged(
         &mut self,
         index: u64,
         start: u64,
-        bytes: &[u8],
+        (framing, pending): (&[u8], &Framed),
         staged: &mut Vec<Appended>,
         last_time: UnixNanos,
         done: &mut ReplicaAppend,
     ) -> Result<(), JournalError> {
         let Some(last) = staged.last().copied() else { return Ok(()) };
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(3 * pending.len());
+        for (range, payload) in pending {
+            let parts_of = record::framed_parts(framing.get(range.clone()).unwrap_or_default(), payload);
+            parts.extend(parts_of.into_iter().filter(|p| !p.is_empty()));
+        }
+        let bytes: u64 = parts.iter().map(|p| p.len() as u64).sum();
         let segment = self.segments.get_mut(&index).ok_or(JournalError::Invalid("no tail segment".into()))?;
-        segment.file.write_all_at(bytes, start).map_err(|e| {
+        segment.file.write_all_vectored_at(&parts, start).map_err(|e| {
             JournalError::io("append to journal", self.storage.describe(&segment_name(index)), e)
         })?;
-        segment.len += bytes.len() as u64;
-        self.stats.record_appends(staged.len() as u64, bytes.len() as u64);
-        self.cue_writeback(bytes.len() as u64);
+        segment.len += bytes;
+        self.stats.record_appends(staged.len() as u64, bytes);
+        self.cue_writeback(bytes);
         self.next_seq = Seq(last.seq.0 + 1);
         self.chain = last.chain;
         self.last_time = last_time;
@@ -523,11 +539,14 @@ impl Journal {
         Ok(())
     }
 
-    fn append_with(
+    /// Append the record `encode` writes into the journal's buffer after the meta and chain
+    /// it is given; it returns the new chain and the payload it left out of the buffer (see
+    /// [`record::frame_write`]; empty when the buffer holds the whole record).
+    fn append_with<'p>(
         &mut self,
         generation: Generation,
         time: UnixNanos,
-        encode: impl FnOnce(RecordMeta, &ChainHash, &mut Vec<u8>) -> ChainHash,
+        encode: impl FnOnce(RecordMeta, &ChainHash, &mut Vec<u8>) -> (ChainHash, &'p [u8]),
     ) -> Result<Appended, JournalError> {
         let seq = self.next_seq;
         // Source times never go backwards within a group, so "the last record with time <= T"
@@ -535,20 +554,20 @@ impl Journal {
         let time = UnixNanos(time.0.max(self.last_time.0));
         let meta = RecordMeta { seq, generation, time, durable: Seq(self.durable.load(Ordering::Acquire)) };
         let mut buf = std::mem::take(&mut self.encode_buf);
-        let chain = encode(meta, &self.chain, &mut buf);
+        let (chain, payload) = encode(meta, &self.chain, &mut buf);
+        let parts = record::framed_parts(&buf, payload);
+        let len = (buf.len() + payload.len()) as u64;
         // Assertion for our own bugs: what we are about to write must read back as itself.
-        debug_assert!(record::decode(&buf, Some(&self.chain)).is_ok());
+        debug_assert!(record::decode(&parts.concat(), Some(&self.chain)).is_ok());
         let (index, mut segment_len) = self.tail_segment();
-        if segment_len + buf.len() as u64 > self.config.segment_bytes_max
-            && segment_len > SEGMENT_HEADER_BYTES
-        {
+        if segment_len + len > self.config.segment_bytes_max && segment_len > SEGMENT_HEADER_BYTES {
             self.start_segment(index + 1)?;
             segment_len = SEGMENT_HEADER_BYTES;
         }
         let (index, _) = self.tail_segment();
         let segment = self.segments.get_mut(&index).ok_or(JournalError::Invalid("no tail segment".into()))?;
         let location = Location { segment: index, offset: segment_len };
-        if let Err(e) = segment.file.write_all_at(&buf, segment_len) {
+        if let Err(e) = segment.file.write_all_vectored_at(&parts, segment_len) {
             self.encode_buf = buf;
             return Err(JournalError::io(
                 "append to journal",
@@ -556,10 +575,10 @@ impl Journal {
                 e,
             ));
         }
-        segment.len += buf.len() as u64;
-        self.recent.push(seq, location, &buf);
-        self.stats.record_append(buf.len() as u64);
-        self.cue_writeback(buf.len() as u64);
+        segment.len += len;
+        self.recent.push(seq, location, &parts);
+        self.stats.record_append(len);
+        self.cue_writeback(len);
         self.encode_buf = buf;
         self.next_seq = Seq(seq.0 + 1);
         self.chain = chain;
@@ -838,6 +857,12 @@ impl Journal {
         Ok(())
     }
 }
+
+/// A record staged for a vectored write: its framing (a range of a buffer of framings, see
+/// [`record::frame_replica`]) and its data.
+type FramedRecord<'a> = (Range<usize>, &'a [u8]);
+/// Records staged for one vectored write.
+type Framed<'a> = [FramedRecord<'a>];
 
 /// Encoded records read for shipping.
 #[derive(Debug)]

@@ -134,24 +134,26 @@ impl Inner {
 }
 
 impl Recent {
-    /// Keep record `seq`, `record` as written at `at` (its segment file holds it now).
-    pub(crate) fn push(&self, seq: Seq, at: Location, record: &[u8]) {
+    /// Keep record `seq`, written at `at` as `parts` one after another (its segment file holds
+    /// it now).
+    pub(crate) fn push(&self, seq: Seq, at: Location, parts: &[&[u8]]) {
         let mut inner = self.inner.lock();
         if !inner.keeping {
             return;
         }
-        inner.unread += record.len() as u64;
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        inner.unread += len as u64;
         if inner.unread > IDLE_BYTES {
             // Nobody reads: let the memory go until somebody does.
             *inner = Inner::default();
             return;
         }
         let fits = |open: &Run<BytesMut>| {
-            open.continued_by(seq, at) && open.bytes.capacity() - open.bytes.len() >= record.len()
+            open.continued_by(seq, at) && open.bytes.capacity() - open.bytes.len() >= len
         };
         match inner.open.as_mut() {
             Some(open) if fits(open) => {
-                open.bytes.extend_from_slice(record);
+                parts.iter().for_each(|p| open.bytes.extend_from_slice(p));
                 open.ends.push(open.bytes.len());
             }
             _ => {
@@ -160,19 +162,19 @@ impl Recent {
                 inner.seal(Seq(u64::MAX));
                 let rest = inner.open.take().map(|open| open.bytes);
                 let mut bytes = match rest {
-                    Some(rest) if rest.capacity() >= record.len() => rest,
+                    Some(rest) if rest.capacity() >= len => rest,
                     _ => {
                         let mut spare = inner.spare.take().unwrap_or_default();
                         spare.clear();
-                        spare.reserve(RUN_BYTES.max(record.len()));
+                        spare.reserve(RUN_BYTES.max(len));
                         spare
                     }
                 };
-                bytes.extend_from_slice(record);
-                inner.open = Some(Run { first: seq, start: at, bytes, ends: vec![record.len()] });
+                parts.iter().for_each(|p| bytes.extend_from_slice(p));
+                inner.open = Some(Run { first: seq, start: at, bytes, ends: vec![len] });
             }
         }
-        inner.bytes += record.len() as u64;
+        inner.bytes += len as u64;
         inner.evict();
     }
 
@@ -262,7 +264,7 @@ mod tests {
         let mut all = Vec::new();
         for seq in 1..=n {
             let (bytes, next) = encoded(seq, &chain);
-            recent.push(Seq(seq), Location { segment: 0, offset }, &bytes);
+            recent.push(Seq(seq), Location { segment: 0, offset }, &[&bytes]);
             offset += bytes.len() as u64;
             chain = next;
             all.push(bytes);
@@ -277,7 +279,7 @@ mod tests {
         assert!(recent.read(Seq(1), Seq(3), u64::MAX).is_none());
         // The read started keeping; the records appended since are served.
         let (bytes, _) = encoded(4, &genesis_chain(1));
-        recent.push(Seq(4), Location { segment: 0, offset: 9000 }, &bytes);
+        recent.push(Seq(4), Location { segment: 0, offset: 9000 }, &[&bytes]);
         let served = recent.read(Seq(4), Seq(4), u64::MAX).expect("held");
         assert_eq!(joined(&served), bytes);
         assert_eq!(served.last, Seq(4));
@@ -323,7 +325,7 @@ mod tests {
         // A record that does not continue the newest run (another segment) starts a new run;
         // one with a gap in seqs is served on its own, never joined to what precedes it.
         let (late, _) = encoded(n + 2, &genesis_chain(1));
-        recent.push(Seq(n + 2), Location { segment: 1, offset: 128 }, &late);
+        recent.push(Seq(n + 2), Location { segment: 1, offset: 128 }, &[&late]);
         let served = recent.read(Seq(n), Seq(n + 2), u64::MAX).expect("held");
         assert_eq!(served.last, Seq(n));
         assert!(recent.read(Seq(n + 1), Seq(n + 2), u64::MAX).is_none());
@@ -347,14 +349,14 @@ mod tests {
         assert_eq!(again.pieces[0].as_ptr(), first.pieces[0][all[0].len() * 2..].as_ptr(), "not a copy");
         let (more, _) = encoded(11, &genesis_chain(1));
         let len = all[0].len() as u64;
-        recent.push(Seq(11), Location { segment: 0, offset: 128 + 10 * len }, &more);
+        recent.push(Seq(11), Location { segment: 0, offset: 128 + 10 * len }, &[&more]);
         let rest = recent.read(Seq(5), Seq(11), u64::MAX).expect("held");
         assert_eq!(joined(&rest), [all[4..].concat(), more].concat());
         assert_eq!(rest.pieces.len(), 1, "records 5 to 11 are one sealed run");
         assert_eq!(rest.pieces[0].as_ptr(), first.pieces[0][first.pieces[0].len()..].as_ptr());
         // Nothing up to `upto` yet: served empty from memory, not looked for in the files.
         let (late, _) = encoded(12, &genesis_chain(1));
-        recent.push(Seq(12), Location { segment: 0, offset: 128 + 11 * len }, &late);
+        recent.push(Seq(12), Location { segment: 0, offset: 128 + 11 * len }, &[&late]);
         let none = recent.read(Seq(12), Seq(11), u64::MAX).expect("held");
         assert_eq!((none.pieces.len(), none.last), (0, Seq(11)));
     }

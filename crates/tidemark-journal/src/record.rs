@@ -268,6 +268,58 @@ pub fn payload_hash(payload: &[u8]) -> [u8; 32] {
     *blake3::hash(payload).as_bytes()
 }
 
+/// [`encode_write`] without copying `data`: `out` (cleared first) gets the record's header
+/// and trailer back to back, and the record is written as the header, `data`, then the
+/// trailer ([`framed_parts`]). The journal's appends write records this way, one `pwritev`
+/// each, so a write's data is copied once, into the page cache, instead of twice.
+pub fn frame_write(
+    meta: RecordMeta,
+    volume: VolumeId,
+    offset: u64,
+    data: &[u8],
+    data_hash: Option<[u8; 32]>,
+    prev_chain: &ChainHash,
+    out: &mut Vec<u8>,
+) -> ChainHash {
+    out.clear();
+    let known = data_hash.map_or(Hash::Unknown, Hash::Payload);
+    let length = data.len() as u64;
+    append_framed(meta, (KIND_WRITE, 0), volume, offset, length, data, known, prev_chain, out, true)
+}
+
+/// [`encode_replica`] without copying a write's data: appends the record's header and trailer
+/// to `out` and returns the payload that goes between them ([`framed_parts`]); any other
+/// record (small) is appended whole and the payload returned is empty.
+pub fn frame_replica<'r>(
+    meta: RecordMeta,
+    record: &'r VerifiedRecord,
+    prev_chain: &ChainHash,
+    out: &mut Vec<u8>,
+) -> (ChainHash, &'r [u8]) {
+    match &record.body {
+        RecordBody::Write { volume, offset, data } => {
+            let known = Hash::Content(record.checksum);
+            let length = data.len() as u64;
+            let kind = (KIND_WRITE, 0);
+            let chain =
+                append_framed(meta, kind, *volume, *offset, length, data, known, prev_chain, out, true);
+            (chain, data)
+        }
+        _ => (encode_replica(meta, record, prev_chain, out), &[]),
+    }
+}
+
+/// A record framed by [`frame_write`] or [`frame_replica`] as the pieces to write in order:
+/// `framing` (its header and trailer back to back) split around `payload`. A record appended
+/// whole (`payload` empty) is `framing` alone.
+pub fn framed_parts<'a>(framing: &'a [u8], payload: &'a [u8]) -> [&'a [u8]; 3] {
+    if payload.is_empty() {
+        return [framing, &[], &[]];
+    }
+    let (header, trailer) = framing.split_at(HEADER_BYTES.min(framing.len()));
+    [header, payload, trailer]
+}
+
 /// Encode a record received from a partner after `prev_chain`, appending it to `out` (not
 /// cleared: a batch of records goes out in one write); returns its chain hash here.
 ///
@@ -318,6 +370,23 @@ fn encode_parts(
 #[allow(clippy::too_many_arguments)]
 fn append_parts(
     meta: RecordMeta,
+    kind_flags: (u8, u8),
+    volume: VolumeId,
+    offset: u64,
+    length: u64,
+    payload: &[u8],
+    known: Hash,
+    prev_chain: &ChainHash,
+    out: &mut Vec<u8>,
+) -> ChainHash {
+    append_framed(meta, kind_flags, volume, offset, length, payload, known, prev_chain, out, false)
+}
+
+/// [`append_parts`], leaving the payload out of `out` when `apart` (the header and the trailer
+/// then lie back to back: see [`frame_write`]).
+#[allow(clippy::too_many_arguments)]
+fn append_framed(
+    meta: RecordMeta,
     (kind, flags): (u8, u8),
     volume: VolumeId,
     offset: u64,
@@ -326,6 +395,7 @@ fn append_parts(
     known: Hash,
     prev_chain: &ChainHash,
     out: &mut Vec<u8>,
+    apart: bool,
 ) -> ChainHash {
     assert!(payload.len() <= PAYLOAD_BYTES_MAX, "record payload over PAYLOAD_BYTES_MAX");
     let start = out.len();
@@ -344,7 +414,9 @@ fn append_parts(
     out.extend_from_slice(&durable_lag.to_le_bytes());
     let header_end = out.len();
     debug_assert_eq!(header_end - start, HEADER_BYTES);
-    out.extend_from_slice(payload);
+    if !apart {
+        out.extend_from_slice(payload);
+    }
     let header = out.get(start..header_end).unwrap_or_default();
     let (content, checksum) = match known {
         Hash::Unknown => hashes_of(header, &payload_hash(payload)),

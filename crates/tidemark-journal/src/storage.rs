@@ -31,6 +31,15 @@ pub trait StorageFile: Send + Sync {
     }
     /// Write all of `buf` at `offset`, growing the file if needed.
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Write `bufs`, one after another, at `offset`, as [`StorageFile::write_all_at`] would
+    /// write their concatenation. The default joins them first; a file that can write from
+    /// several buffers at once (`pwritev`) does so without the copy.
+    fn write_all_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        match bufs {
+            [one] => self.write_all_at(one, offset),
+            _ => self.write_all_at(&bufs.concat(), offset),
+        }
+    }
     /// Make every write so far durable (fdatasync).
     fn sync_data(&self) -> io::Result<()>;
     /// Current length in bytes.
@@ -46,6 +55,9 @@ pub trait StorageFile: Send + Sync {
     /// so that new writes reuse those pages instead of touching fresh memory. A hint only.
     fn drop_cache(&self) {}
 }
+
+/// Most buffers one `pwritev` takes (Linux's `IOV_MAX`).
+const IOV_MAX: usize = 1024;
 
 /// A flat directory of files.
 pub trait Storage: Send + Sync {
@@ -117,6 +129,24 @@ impl StorageFile for OsFile {
     }
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.0.write_all_at(buf, offset)
+    }
+    fn write_all_vectored_at(&self, bufs: &[&[u8]], mut offset: u64) -> io::Result<()> {
+        let mut slices: Vec<io::IoSlice> =
+            bufs.iter().filter(|b| !b.is_empty()).map(|b| io::IoSlice::new(b)).collect();
+        let mut rest = slices.as_mut_slice();
+        while !rest.is_empty() {
+            // At most IOV_MAX buffers per call; a short write continues where it stopped.
+            let batch = rest.len().min(IOV_MAX);
+            let written = match rustix::io::pwritev(&self.0, rest.get(..batch).unwrap_or_default(), offset) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            offset += written as u64;
+            io::IoSlice::advance_slices(&mut rest, written);
+        }
+        Ok(())
     }
     fn sync_data(&self) -> io::Result<()> {
         self.0.sync_data()

@@ -1,10 +1,10 @@
-//! Appending: the writeback cue.
+//! Appending: the writeback cue, vectored writes.
 #![allow(clippy::indexing_slicing)] // Tests index freely; the lint guards the library code.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use tidemark_journal::storage::{SimStorage, Storage};
+use tidemark_journal::storage::{OsStorage, SimStorage, Storage};
 use tidemark_journal::{
     genesis_chain, Generation, Journal, JournalConfig, RecordBody, Seq, UnixNanos, VolumeId,
 };
@@ -40,4 +40,26 @@ fn the_writeback_hook_fires_once_per_interval_of_appended_bytes() {
     // Each call covers less than `every` plus one record, so 100 records of 4 KiB fire it often.
     assert!(calls.load(Ordering::SeqCst) >= appended / (every + 4096 + 256), "fired too rarely");
     assert!(calls.load(Ordering::SeqCst) >= 25);
+}
+
+/// A vectored write of more buffers than one `pwritev` takes lands as their concatenation would,
+/// on a real file and on the simulated disk alike.
+#[test]
+fn a_vectored_write_is_the_write_of_its_buffers_joined() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let os: Arc<dyn Storage> = Arc::new(OsStorage::new(dir.path()).expect("storage"));
+    let sim: Arc<dyn Storage> = Arc::new(SimStorage::new());
+    // 3000 buffers of 0 to 99 bytes (some empty), past IOV_MAX (1024).
+    let bufs: Vec<Vec<u8>> = (0..3000u32).map(|i| vec![(i % 251) as u8; (i * 7 % 100) as usize]).collect();
+    let slices: Vec<&[u8]> = bufs.iter().map(Vec::as_slice).collect();
+    let joined = bufs.concat();
+    for storage in [os, sim] {
+        let file = storage.open("f").expect("open");
+        file.write_all_at(&[0xEE; 10], 0).expect("write");
+        file.write_all_vectored_at(&slices, 10).expect("vectored write");
+        let mut back = vec![0; joined.len()];
+        file.read_exact_at(&mut back, 10).expect("read");
+        assert!(back == joined, "the buffers, joined, after the first write");
+        assert_eq!(file.len().expect("len"), 10 + joined.len() as u64);
+    }
 }
