@@ -247,31 +247,18 @@ fn append_body(
     }
 }
 
-/// Encode a write record straight from borrowed data (the hot path: no copy into a body).
-/// `data_hash`, when given, must be [`payload_hash`] of `data`: writers compute it before they
-/// take the group lock, so the expensive hashing runs on every core at once.
-pub fn encode_write(
-    meta: RecordMeta,
-    volume: VolumeId,
-    offset: u64,
-    data: &[u8],
-    data_hash: Option<[u8; 32]>,
-    prev_chain: &ChainHash,
-    out: &mut Vec<u8>,
-) -> ChainHash {
-    encode_parts(meta, (KIND_WRITE, 0), volume, offset, data.len() as u64, data, data_hash, prev_chain, out)
-}
-
 /// blake3 of a record's payload, the part of its content hash that does not depend on the
 /// record's place in the journal.
 pub fn payload_hash(payload: &[u8]) -> [u8; 32] {
     *blake3::hash(payload).as_bytes()
 }
 
-/// [`encode_write`] without copying `data`: `out` (cleared first) gets the record's header
-/// and trailer back to back, and the record is written as the header, `data`, then the
-/// trailer ([`framed_parts`]). The journal's appends write records this way, one `pwritev`
-/// each, so a write's data is copied once, into the page cache, instead of twice.
+/// Frame a write record of borrowed data (the hot path) without copying the data: `out`
+/// (cleared first) gets the record's header and trailer back to back, and the record is
+/// written as the header, `data`, then the trailer ([`framed_parts`]). The journal's appends
+/// write records this way, one `pwritev` each, so a write's data is copied once, into the page
+/// cache. `data_hash`, when given, must be [`payload_hash`] of `data`: writers compute it
+/// before they take the group lock, so the expensive hashing runs on every core at once.
 pub fn frame_write(
     meta: RecordMeta,
     volume: VolumeId,
@@ -281,6 +268,7 @@ pub fn frame_write(
     prev_chain: &ChainHash,
     out: &mut Vec<u8>,
 ) -> ChainHash {
+    debug_assert!(data_hash.is_none_or(|h| h == payload_hash(data)), "wrong precomputed payload hash");
     out.clear();
     let known = data_hash.map_or(Hash::Unknown, Hash::Payload);
     let length = data.len() as u64;
@@ -344,27 +332,6 @@ enum Hash {
     Payload([u8; 32]),
     /// The record's content hash (see [`hashes_of`]).
     Content([u8; 16]),
-}
-
-#[allow(clippy::too_many_arguments)]
-fn encode_parts(
-    meta: RecordMeta,
-    kind_flags: (u8, u8),
-    volume: VolumeId,
-    offset: u64,
-    length: u64,
-    payload: &[u8],
-    payload_hash_known: Option<[u8; 32]>,
-    prev_chain: &ChainHash,
-    out: &mut Vec<u8>,
-) -> ChainHash {
-    debug_assert!(
-        payload_hash_known.is_none_or(|h| h == payload_hash(payload)),
-        "wrong precomputed payload hash"
-    );
-    out.clear();
-    let known = payload_hash_known.map_or(Hash::Unknown, Hash::Payload);
-    append_parts(meta, kind_flags, volume, offset, length, payload, known, prev_chain, out)
 }
 
 #[allow(clippy::too_many_arguments)]

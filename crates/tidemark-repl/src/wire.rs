@@ -296,8 +296,9 @@ impl BatchCompressor {
     fn compress<P: AsRef<[u8]>>(&mut self, pieces: &[P], raw_bytes: usize) -> Vec<u8> {
         use zstd::zstd_safe::{zstd_sys::ZSTD_EndDirective, InBuffer, OutBuffer, ResetDirective};
         let mut payload = Vec::with_capacity(zstd::zstd_safe::compress_bound(raw_bytes));
-        if let [one] = pieces {
-            self.0.compress_to_buffer(one.as_ref(), &mut payload).expect("room for the frame");
+        if pieces.len() <= 1 {
+            let one = pieces.first().map_or(&[][..], |p| p.as_ref());
+            self.0.compress_to_buffer(one, &mut payload).expect("room for the frame");
             return payload;
         }
         let cctx = self.0.context_mut();
@@ -552,6 +553,10 @@ mod tests {
         let streamed = BatchFrame::build_with(&mut compressor, 7, 1, Seq(1), Seq(3), &three).expect("whole");
         assert_eq!(streamed.payload, split.payload, "the same frame however the records are cut");
         assert_eq!(split.open(&genesis).expect("opens"), joined.open(&genesis).expect("opens"));
+        // No records at all is an empty frame, as for empty content.
+        let none =
+            BatchFrame::build_with(&mut compressor, 7, 1, Seq(1), Seq(0), &[] as &[&[u8]]).expect("empty");
+        assert_eq!(none.payload, BatchFrame::build(7, 1, Seq(1), Seq(0), &[], 1).expect("empty").payload);
         // A piece that is not whole records cannot be built, even when the pieces add up.
         let torn = [&raw[..record_len + 1], &raw[record_len + 1..]];
         assert!(BatchFrame::build_with(&mut compressor, 7, 1, Seq(1), Seq(3), &torn).is_none());
