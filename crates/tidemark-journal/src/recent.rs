@@ -186,16 +186,12 @@ impl Recent {
         inner.keeping = true;
         inner.unread = 0;
         inner.seal(upto);
-        let Some(at) = inner.runs.iter().position(|run| run.holds(first)) else {
-            // Only records after `upto` are still open: nothing to serve yet, from memory.
-            return inner.open.as_ref().filter(|open| open.holds(first)).map(|_| Served {
-                pieces: Vec::new(),
-                last: Seq(first.0.saturating_sub(1)),
-                next: Location::default(),
-            });
-        };
         let mut served =
             Served { pieces: Vec::new(), last: Seq(first.0.saturating_sub(1)), next: Location::default() };
+        let Some(at) = inner.runs.iter().position(|run| run.holds(first)) else {
+            // Only records after `upto` are still open: nothing to serve yet, from memory.
+            return inner.open.as_ref().filter(|open| open.holds(first)).map(|_| served);
+        };
         let mut taken = 0usize;
         let mut seq = first;
         for run in inner.runs.range(at..) {

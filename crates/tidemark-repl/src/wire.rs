@@ -149,16 +149,20 @@ fn decompress(payload: &[u8], raw_bytes: u64) -> Result<Vec<u8>, WireError> {
     Ok(raw)
 }
 
-/// The hash a batch carries of its content `raw`: blake3 over the stored checksums of its
-/// records, in order; `None` when `raw` is not a run of whole records.
+/// The hash a batch carries of its content, the concatenation of `pieces`: blake3 over the
+/// stored checksums of its records, in order; `None` when a piece is not a run of whole records.
 ///
 /// Each record's checksum is blake3 over its header and the blake3 of its payload (see
 /// docs/internals/journal.md), so this is a hash tree over every byte of the content, the chain
 /// trailers aside (each is checked against the receiver's own chain). Both ends verify every
 /// record's checksum anyway (the sender's journal reader as it reads, the receiver as it
 /// decodes), so a tree costs neither a second pass over the payloads.
-pub fn content_hash_of(raw: &[u8]) -> Option<[u8; 32]> {
-    record_spans(raw).map(|spans| hash_of_spans(raw, &spans))
+pub fn content_hash_of<P: AsRef<[u8]>>(pieces: &[P]) -> Option<[u8; 32]> {
+    let mut hasher = blake3::Hasher::new();
+    for piece in pieces {
+        hash_spans(&mut hasher, piece.as_ref(), &record_spans(piece.as_ref())?);
+    }
+    Some(*hasher.finalize().as_bytes())
 }
 
 /// Where each record of `raw` lies, in order; `None` when `raw` is not a run of whole records.
@@ -430,17 +434,14 @@ impl BatchFrame {
     ) -> Option<BatchFrame> {
         let raw_bytes: usize = pieces.iter().map(|p| p.as_ref().len()).sum();
         assert!(raw_bytes as u64 <= BATCH_RAW_BYTES_MAX, "batch over BATCH_RAW_BYTES_MAX");
-        let mut hasher = blake3::Hasher::new();
-        for piece in pieces {
-            hash_spans(&mut hasher, piece.as_ref(), &record_spans(piece.as_ref())?);
-        }
+        let content_hash = content_hash_of(pieces)?;
         Some(BatchFrame {
             group_id,
             generation,
             first_seq,
             last_seq,
             raw_bytes: raw_bytes as u64,
-            content_hash: *hasher.finalize().as_bytes(),
+            content_hash,
             payload: compressor.compress(pieces, raw_bytes),
         })
     }
